@@ -1,0 +1,223 @@
+"""The backbone factory: a headless timm Vision Transformer, optionally with local weights.
+
+Every method and the forgetting probe use the same backbone feature: the CLS token after the final
+LayerNorm (DINO's definition for k-NN evaluation). A timm ViT built with ``num_classes=0`` and
+``global_pool="token"`` returns exactly that from ``model(x)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.dino"
+
+# Keys a checkpoint may nest its state dict under, tried in this order.
+_NESTING_KEYS = ("state_dict", "model", "teacher", "student", "module")
+# Prefixes that wrappers add in front of the ViT's own key names.
+_PREFIXES = ("module.", "backbone.", "encoder.", "vit.", "model.")
+
+
+class CheckpointError(RuntimeError):
+    """A local checkpoint could not be loaded into the backbone."""
+
+
+def build_backbone(
+    name: str = DEFAULT_BACKBONE,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    **timm_overrides: Any,
+) -> VisionTransformer:
+    """Builds a headless timm ViT whose ``forward`` returns the CLS token after the final norm.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch16_224.dino``.
+        checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, or a Hugging
+            Face ``facebook/dino-vitb16`` state dict). Loaded strictly; takes precedence over
+            ``pretrained``.
+        pretrained: download timm's weights for ``name`` (needs internet access).
+        **timm_overrides: keyword arguments for ``timm.create_model``, e.g. ``depth=2, embed_dim=32,
+            img_size=32, patch_size=8`` for a tiny test model of the same architecture.
+
+    Returns:
+        The backbone, in train mode, with every parameter requiring grad.
+
+    Raises:
+        ValueError: an override that would change what the backbone returns.
+        CheckpointError: the checkpoint is missing, unreadable or does not match the architecture.
+    """
+    for forbidden in ("num_classes", "global_pool"):
+        if forbidden in timm_overrides:
+            raise ValueError(
+                f"backbone_kwargs may not set {forbidden!r}: the backbone is always headless and its "
+                "feature is the CLS token after the final norm; the methods add their own head."
+            )
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=pretrained and checkpoint is None,
+            num_classes=0,
+            global_pool="token",
+            **timm_overrides,
+        )
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"backbone={name!r} is not a timm model name ({err})") from err
+        raise
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"backbone={name!r} is a {type(model).__name__}; ftforget needs a timm VisionTransformer"
+        )
+    if checkpoint is not None:
+        load_backbone_weights(model, checkpoint)
+    return model
+
+
+def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Loads a local checkpoint into ``model`` strictly, whatever wrapper format it comes in.
+
+    Raises:
+        CheckpointError: naming the file, with the missing, unexpected and mis-shaped keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    raw = _read_file(path)
+    state = normalize_state_dict(raw, depth=len(model.blocks))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"checkpoint {str(path)!r} does not match the backbone:"]
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+                parts.append(f"  {title} ({len(keys)}): {shown}")
+        raise CheckpointError("\n".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _read_file(path: Path) -> Mapping[str, Any]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types for a corrupt file
+        raise CheckpointError(f"checkpoint file {str(path)!r} could not be read: {err}") from err
+
+
+def normalize_state_dict(raw: Mapping[str, Any], depth: int | None = None) -> dict[str, torch.Tensor]:
+    """Unwraps a checkpoint into timm ViT key names.
+
+    Handles nesting under ``state_dict``/``model``/``teacher``/``student``, the ``module.``,
+    ``backbone.`` (DINO), ``encoder.`` and ``vit.`` prefixes, and Hugging Face ``ViTModel`` key names.
+    Keys outside the backbone of a wrapped checkpoint (DINO's projection head, a classifier head) are
+    dropped; everything else is kept so that a strict load reports it.
+    """
+    state: Mapping[str, Any] = raw
+    for key in _NESTING_KEYS:
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("embeddings.") or ".embeddings." in k for k in tensors):
+        return _from_hf_vit(tensors, depth)
+    for prefix in _PREFIXES:
+        if tensors and any(k.startswith(prefix) for k in tensors):
+            # A wrapper: what sits under the prefix is the backbone, the rest (e.g. DINO's projection
+            # head under "head.") belongs to the wrapper.
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    # A classifier head is not part of a headless backbone.
+    return {k: v for k, v in tensors.items() if not k.startswith("head.")}
+
+
+_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_HF_BLOCK_MAP = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+
+
+def _from_hf_vit(tensors: dict[str, torch.Tensor], depth: int | None) -> dict[str, torch.Tensor]:
+    """Maps Hugging Face ``ViTModel`` keys (``facebook/dino-vitb16``) to timm's, fusing q, k, v."""
+    prefix = next((p for p in ("vit.", "") if any(k.startswith(p + "embeddings.") for k in tensors)), "")
+    hf = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in hf.items():
+        if key == "embeddings.cls_token":
+            out["cls_token"] = value
+        elif key == "embeddings.position_embeddings":
+            out["pos_embed"] = value
+        elif key.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("layernorm."):
+            out["norm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("pooler.") or key.startswith("classifier."):
+            continue  # HF's pooler and classifier are heads, not part of the backbone
+        elif m := _HF_BLOCK.match(key):
+            idx, rest = int(m.group(1)), m.group(2)
+            sub, _, param = rest.rpartition(".")
+            if sub.startswith("attention.attention."):
+                qkv.setdefault((idx, param), {})[sub.rsplit(".", 1)[1]] = value
+            elif sub in _HF_BLOCK_MAP:
+                out[f"blocks.{idx}.{_HF_BLOCK_MAP[sub]}.{param}"] = value
+            else:
+                out[key] = value  # reported as unexpected by the strict load
+        else:
+            out[key] = value
+    for (idx, param), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            out[f"encoder.layer.{idx}.attention.attention.{param}"] = next(iter(parts.values()))
+            continue
+        out[f"blocks.{idx}.attn.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out
+
+
+def to_hf_vit_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of the Hugging Face mapping: timm ViT keys to ``ViTModel`` keys (for tests and export)."""
+    inverse = {v: k for k, v in _HF_BLOCK_MAP.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "cls_token":
+            out["embeddings.cls_token"] = value
+        elif key == "pos_embed":
+            out["embeddings.position_embeddings"] = value
+        elif key.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("norm."):
+            out["layernorm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("blocks."):
+            _, idx, rest = key.split(".", 2)
+            sub, _, param = rest.rpartition(".")
+            if sub == "attn.qkv":
+                for name, chunk in zip(("query", "key", "value"), value.chunk(3, 0), strict=True):
+                    out[f"encoder.layer.{idx}.attention.attention.{name}.{param}"] = chunk
+            else:
+                out[f"encoder.layer.{idx}.{inverse[sub]}.{param}"] = value
+    return out
+
+
+def feature_dim(model: VisionTransformer) -> int:
+    """The width of the backbone feature (the CLS token)."""
+    return int(model.num_features)

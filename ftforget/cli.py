@@ -1,0 +1,102 @@
+"""The ``ftforget`` command line.
+
+``ftforget fit|validate|test --config configs/<method>.yaml`` is a LightningCLI: every argument of the
+method (``--model``), the data module (``--data``), the trainer (``--trainer``), the checkpointing
+(``--checkpoint``) can be set from YAML or the command line, and ``--print_config`` shows them all.
+Extra subcommands that are not Lightning stages are dispatched before LightningCLI sees the arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ftforget.data.base import FineTuneDataModule
+from ftforget.methods.base import FineTuningModule
+
+
+class FTForgetCLI(LightningCLI):
+    """LightningCLI with the data's class count linked to the model and ftforget's checkpointing."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}-acc{val/acc1:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "ftforget"},
+        },
+    }
+
+
+def run_lightning(argv: list[str]) -> FTForgetCLI:
+    """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``) with ``argv`` after the program name."""
+    return FTForgetCLI(
+        FineTuningModule,
+        FineTuneDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        trainer_defaults=_trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=argv,
+    )
+
+
+def _measure(argv: list[str]) -> int:
+    from ftforget.forgetting.measure import main as measure_main
+
+    return measure_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from ftforget.report import main as report_main
+
+    return report_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from ftforget.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "measure": (_measure, "k-NN forgetting probe of a pretrained backbone or of any checkpoint"),
+    "report": (_report, "paper-style table (Markdown, CSV) and figures from run directories"),
+    "demo": (_demo, "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ftforget`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in EXTRA_COMMANDS.items())
+        sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")
+    run_lightning(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The base LightningModule every adaptation method shares.
+
+A method differs from another only in the surgery it does on the backbone and in which parameters it
+trains (``set_trainable``); loop, loss, metrics, optimiser and schedule live here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine down to ``min_ratio``.
+
+    The same shape as ``transformers.get_cosine_schedule_with_warmup`` that the official code used:
+    step 0 has multiplier 0 when there is a warmup.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    decay = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FineTuningModule(L.LightningModule):
+    """A backbone (headless timm ViT) and a linear head, trained on a new classification task.
+
+    Subclasses call ``super().__init__(**kwargs)``, do their surgery on ``self.backbone``, then call
+    :meth:`set_trainable` once with the modules that train; nothing changes ``requires_grad`` after.
+
+    Args:
+        num_classes: classes of the new task (linked from the data module by the CLI).
+        backbone: timm model name.
+        checkpoint: local backbone weights (timm, original DINO or Hugging Face format).
+        pretrained: download timm's weights for ``backbone`` (needs internet access).
+        backbone_kwargs: extra ``timm.create_model`` arguments, e.g. a tiny ``depth``/``embed_dim``.
+        lr: peak learning rate (SGD).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_steps: linear warmup from 0, in optimizer steps.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        label_smoothing: cross-entropy label smoothing (the paper uses none).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 100,
+        backbone: str = DEFAULT_BACKBONE,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.005,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+            raise FileNotFoundError(f"model.checkpoint: backbone weights file {checkpoint!r} does not exist")
+        self.save_hyperparameters()
+        self.backbone = build_backbone(
+            backbone, checkpoint=checkpoint, pretrained=pretrained, **(backbone_kwargs or {})
+        )
+        self.head = nn.Linear(feature_dim(self.backbone), num_classes)
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    # ----------------------------------------------------------------------------------- trainability
+    def set_trainable(self, modules: Iterable[nn.Module | nn.Parameter]) -> None:
+        """Freezes every parameter, then unfreezes exactly those of ``modules`` (selected by identity)."""
+        self.requires_grad_(False)
+        for item in modules:
+            item.requires_grad_(True)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of backbone and head."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    # ---------------------------------------------------------------------------------------- forward
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone feature: the CLS token after the final norm (what the forgetting probe uses)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc1(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
+        acc1(logits, y)
+        acc5(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc1", acc1, prog_bar=True)
+        self.log(f"{stage}/acc5", acc5)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------------------ optimiser, hooks
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        hp = self.hparams
+        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        rank_zero_info(
+            f"{type(self).__name__}: {trainable:,} trainable parameters of {total:,} "
+            f"({100.0 * trainable / total:.3f}%)"
+        )
+
+    def on_train_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=self.global_step)

@@ -1,0 +1,34 @@
+"""Block Expansion: identity copies of blocks are inserted and trained; the original network stays frozen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftforget.adapters.block_expansion import expand, paper_positions
+from ftforget.methods.base import FineTuningModule
+
+
+class BlockExpansion(FineTuningModule):
+    """Block Expansion fine-tuning; the new blocks (all their parameters) and the head train.
+
+    Give exactly one of ``p`` and ``positions``.
+
+    Args:
+        p: number of new blocks, placed as the paper does: after the last block of each group of
+            ``depth / p`` blocks (p must divide the depth).
+        positions: explicit original block indices after which a copy is inserted. The official code's
+            p=1 run used ``[10]`` (its ``split=11``): the copy sits before the last original block.
+        **kwargs: the arguments of :class:`FineTuningModule`. The final norm stays frozen.
+    """
+
+    def __init__(self, p: int | None = None, positions: list[int] | None = None, **kwargs: Any) -> None:
+        if (p is None) == (positions is None):
+            raise ValueError(
+                f"BlockExpansion needs exactly one of p and positions, got p={p}, positions={positions}"
+            )
+        super().__init__(**kwargs)
+        depth = len(self.backbone.blocks)
+        chosen = paper_positions(depth, p) if p is not None else list(positions)
+        self.new_block_indices = expand(self.backbone, chosen)
+        new_blocks = [self.backbone.blocks[i] for i in self.new_block_indices]
+        self.set_trainable([*new_blocks, self.head])

@@ -1,0 +1,58 @@
+"""LoRA: low-rank updates on chosen projections of every block; the backbone itself stays frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ftforget.adapters.lora import apply_lora, lora_disabled, lora_merged, merge_lora, unmerge_lora
+from ftforget.methods.base import FineTuningModule
+
+
+class LoRA(FineTuningModule):
+    """LoRA fine-tuning; the adapters and the head train.
+
+    Args:
+        r: rank (>= 1).
+        alpha: scale numerator (update multiplied by ``alpha / r``); ``None`` means ``alpha = r`` (scale 1,
+            as the paper).
+        targets: which projections get an adapter in every block: ``q``, ``k``, ``v`` (rows of timm's fused
+            qkv), ``proj``, ``fc1``, ``fc2``. The paper adapts ``q`` and ``v``.
+        dropout: dropout on the LoRA branch input.
+        **kwargs: the arguments of :class:`FineTuningModule`.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float | None = None,
+        targets: list[str] | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.lora_layers = apply_lora(
+            self.backbone, r=r, alpha=alpha, targets=targets or ["q", "v"], dropout=dropout
+        )
+        adapters = [m.lora_A for m in self.lora_layers] + [m.lora_B for m in self.lora_layers]
+        self.set_trainable([*adapters, self.head])
+
+    def merge(self) -> None:
+        """Merges the adapters into the frozen weights (inference speed); :meth:`unmerge` undoes it exactly."""
+        merge_lora(self.backbone)
+
+    def unmerge(self) -> None:
+        unmerge_lora(self.backbone)
+
+    @contextmanager
+    def merged(self) -> Iterator[None]:
+        """Context in which the adapters are merged."""
+        with lora_merged(self.backbone):
+            yield
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Context in which the backbone computes its original, pretrained function."""
+        with lora_disabled(self.backbone):
+            yield
