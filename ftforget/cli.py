@@ -31,14 +31,20 @@ class FTForgetCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-step{step}-acc{val/acc1:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_on_exception": True,  # nothing lost on a crash
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # The paper's new task; a config or --data picks another data module.
+        parser.set_defaults({"data": {"class_path": "ftforget.data.CIFAR100DataModule"}})
 
 
 def _trainer_defaults() -> dict:
+    # The paper's recipe: 10,000 SGD steps (batch 128 lives in the data module), validation each epoch.
     return {
+        "max_steps": 10_000,
+        "log_every_n_steps": 10,
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "ftforget"},
@@ -46,8 +52,12 @@ def _trainer_defaults() -> dict:
     }
 
 
-def run_lightning(argv: list[str]) -> FTForgetCLI:
-    """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``) with ``argv`` after the program name."""
+def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
+    """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``).
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+    """
     return FTForgetCLI(
         FineTuningModule,
         FineTuneDataModule,
@@ -88,10 +98,10 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]][0](argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[args[0]][0](args[1:])
+    if args and args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in EXTRA_COMMANDS.items())
         sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")
     run_lightning(argv)

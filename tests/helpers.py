@@ -1,0 +1,49 @@
+"""Test-only callbacks, importable by name from CLI configs (tests/ is on the path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class LrRecorder(L.Callback):
+    """Appends ``{"step", "lr"}`` before every optimizer step to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.is_global_zero:
+            with self.path.open("a") as f:
+                lr = trainer.optimizers[0].param_groups[0]["lr"]
+                f.write(json.dumps({"step": trainer.global_step, "lr": lr}) + "\n")
+
+
+class StopAfter(L.Callback):
+    """Saves a checkpoint at global step ``step`` and stops the fit there, like a crash after a save."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+class DumpTrainable(L.Callback):
+    """Each rank saves its trainable parameters at the end of the fit to ``out_dir/rank{r}.pt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save(
+            {"state": state, "world_size": trainer.world_size, "step": trainer.global_step},
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )

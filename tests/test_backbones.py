@@ -1,0 +1,108 @@
+"""The backbone factory: headless ViT, CLS feature, local checkpoints in every format users have."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import save_file
+
+from ftforget.backbones import CheckpointError, build_backbone, to_hf_vit_state_dict
+
+
+def _tiny(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return build_backbone("vit_base_patch16_224", **{**TINY, **kw})
+
+
+def _same_params(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_feature_is_cls_token_after_final_norm():
+    model = _tiny().eval()
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)  # (B, 1 + patches, D), after the final norm
+    assert tokens.shape == (3, 17, 32)
+    assert torch.equal(model(x), tokens[:, 0])
+    # the final norm really is applied: recompute it from the pre-norm tokens
+    h = model.patch_embed(x)
+    h = model._pos_embed(h)
+    h = model.blocks(model.norm_pre(model.patch_drop(h)))
+    assert torch.allclose(model(x), model.norm(h)[:, 0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": 10}, {"global_pool": "avg"}])
+def test_overrides_that_change_the_feature_are_rejected(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_backbone("vit_base_patch16_224", **TINY, **bad)
+
+
+def test_unknown_model_name_is_named():
+    with pytest.raises(ValueError, match="vit_nonexistent_model"):
+        build_backbone("vit_nonexistent_model")
+
+
+def _formats(state):
+    yield "timm", state
+    yield "state_dict", {"state_dict": state}
+    yield "dino-plain", dict(state)
+    dino_head = {"head.mlp.0.weight": torch.randn(4, 32), "head.last_layer.weight_g": torch.randn(4, 1)}
+    yield "dino-teacher", {"teacher": {**{f"backbone.{k}": v for k, v in state.items()}, **dino_head}}
+    yield "dino-student-ddp", {"student": {f"module.backbone.{k}": v for k, v in state.items()}}
+    yield "ddp", {"model": {f"module.{k}": v for k, v in state.items()}}
+    yield "timm-with-classifier", {**state, "head.weight": torch.randn(7, 32), "head.bias": torch.randn(7)}
+    yield "hf", to_hf_vit_state_dict(state)
+    yield "hf-with-prefix", {f"vit.{k}": v for k, v in to_hf_vit_state_dict(state).items()}
+
+
+@pytest.mark.parametrize("fmt", [name for name, _ in _formats({})])
+def test_checkpoint_formats_load_bit_identically(tmp_path, fmt):
+    source = _tiny(seed=1)
+    payload = dict(_formats(source.state_dict()))[fmt]
+    path = tmp_path / "weights.pth"
+    torch.save(payload, path)
+    loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+    assert _same_params(source, loaded)
+    assert not _same_params(_tiny(seed=2), loaded)
+
+
+def test_safetensors_checkpoint(tmp_path):
+    source = _tiny(seed=3)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = build_backbone("vit_base_patch16_224", checkpoint=str(path), **TINY)
+    assert _same_params(source, loaded)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(source.eval()(x), loaded.eval()(x))
+
+
+def test_missing_and_unexpected_keys_are_listed_with_the_file(tmp_path):
+    state = _tiny().state_dict()
+    del state["blocks.1.attn.qkv.weight"]
+    state["blocks.9.extra"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+    msg = str(info.value)
+    assert str(path) in msg and "blocks.1.attn.qkv.weight" in msg and "blocks.9.extra" in msg
+    assert "missing keys (1)" in msg and "unexpected keys (1)" in msg
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    path = tmp_path / "larger_images.pth"
+    torch.save(_tiny(img_size=64).state_dict(), path)
+    expected = r"larger_images.pth.*\n  shape mismatches \(1\): pos_embed: checkpoint \(1, 65, 32\) vs model \(1, 17, 32\)"
+    with pytest.raises(CheckpointError, match=expected):
+        build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere.pth.*does not exist"):
+        build_backbone("vit_base_patch16_224", checkpoint=tmp_path / "nowhere.pth", **TINY)
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.pth.*could not be read"):
+        build_backbone("vit_base_patch16_224", checkpoint=bad, **TINY)

@@ -1,0 +1,239 @@
+"""The ftforget command line: every config parses, every method fits, checkpoints load and resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ftforget.backbones import CheckpointError
+from ftforget.cli import main, run_lightning
+from ftforget.methods import LoRA, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# 12 blocks so that every shipped config (p=1..4, positions [10]) applies as written
+TINY12 = '{"depth": 12, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}'
+
+
+def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
+    options = {
+        "model.init_args.backbone": "vit_base_patch16_224",
+        "model.init_args.pretrained": "false",
+        "model.init_args.backbone_kwargs": TINY12,
+        "model.init_args.warmup_steps": "1",
+        "data": "ftforget.data.digits.DigitsDataModule",
+        # jsonargparse carries init_args that the new data class also has over from the default class
+        "data.init_args.batch_size": "16",
+        "data.init_args.num_workers": "0",
+        "data.init_args.image_size": "32",
+        "trainer.max_steps": str(steps),
+        "trainer.val_check_interval": str(steps),
+        "trainer.limit_val_batches": "2",
+        "trainer.accelerator": "cpu",
+        "trainer.devices": "1",
+        "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "false",
+        "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
+    }
+    return [item for key, value in options.items() for item in (f"--{key}", value)]
+
+
+def test_configs_exist_for_every_table_row():
+    names = {p.stem for p in CONFIGS}
+    assert {"full", "top3", "linear", "lora_r4", "lora", "lora_r16"} <= names
+    assert {"block_expansion_p1", "block_expansion_p2", "block_expansion", "block_expansion_p4"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("ftforget.methods.")
+    assert printed["data"]["class_path"] == "ftforget.data.CIFAR100DataModule"
+    assert printed["trainer"]["max_steps"] == 10_000
+    assert printed["data"]["init_args"]["batch_size"] == 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_short_fit_of_every_config_with_overrides_only(config, tmp_path):
+    cli = run_lightning(["fit", "--config", str(config), *tiny_overrides(tmp_path)])
+    assert cli.trainer.global_step == 2
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "val/acc1" in cli.trainer.callback_metrics
+
+
+def test_fit_prints_the_trainable_count(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run_lightning(
+            ["fit", "--config", str(ROOT / "configs/lora_r4.yaml"), *tiny_overrides(tmp_path, steps=1)]
+        )
+    # 12 blocks x 2 (q, v) x 2 x 32 x r=4 + head 32 x 5 + 5
+    assert "LoRA: 6,309 trainable parameters" in caplog.text
+
+
+def test_checkpoint_loads_back_and_test_reproduces_outputs(tmp_path):
+    cli = run_lightning(
+        ["fit", "--config", str(ROOT / "configs/lora.yaml"), *tiny_overrides(tmp_path, steps=3)]
+    )
+    run_dir = Path(cli.trainer.log_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trained = cli.model.eval()
+    loaded = LoRA.load_from_checkpoint(last).eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(trained(x), loaded(x))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trained.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+
+    tested = run_lightning(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(last)])
+    dm = tested.datamodule
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in dm.test_dataloader():
+            correct += int((loaded(images).argmax(1) == labels).sum())
+            total += len(labels)
+    assert tested.trainer.callback_metrics["test/acc1"].item() == pytest.approx(correct / total, abs=1e-7)
+
+
+def test_resume_continues_step_count_and_schedule(tmp_path):
+    steps, stop = 6, 3
+    common = [*tiny_overrides(tmp_path, steps=steps), "--model.init_args.warmup_steps", "2"]
+    cfg = str(ROOT / "configs/full.yaml")
+    straight = tmp_path / "straight.jsonl"
+    run_lightning(
+        [
+            "fit",
+            "--config",
+            cfg,
+            *common,
+            "--trainer.callbacks+=helpers.LrRecorder",
+            "--trainer.callbacks.path",
+            str(straight),
+        ]
+    )
+    interrupted, resumed = tmp_path / "interrupted.jsonl", tmp_path / "resumed.jsonl"
+    ckpt = tmp_path / "crash.ckpt"
+    run_lightning(
+        [
+            "fit",
+            "--config",
+            cfg,
+            *common,
+            "--trainer.callbacks+=helpers.LrRecorder",
+            "--trainer.callbacks.path",
+            str(interrupted),
+            "--trainer.callbacks+=helpers.StopAfter",
+            "--trainer.callbacks.step",
+            str(stop),
+            "--trainer.callbacks.path",
+            str(ckpt),
+        ]
+    )
+    cli = run_lightning(
+        [
+            "fit",
+            "--config",
+            cfg,
+            *common,
+            "--trainer.callbacks+=helpers.LrRecorder",
+            "--trainer.callbacks.path",
+            str(resumed),
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
+    assert cli.trainer.global_step == steps
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    expected = [{"step": s, "lr": 0.005 * warmup_cosine(s, 2, steps)} for s in range(steps)]
+    assert read(straight) == expected
+    assert read(interrupted) == expected[:stop]
+    assert read(resumed) == expected[stop:]
+
+
+def test_unknown_method_argument_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs/lora.yaml"), "--model.init_args.rank", "4"])
+    assert info.value.code != 0
+    assert "rank" in capsys.readouterr().err
+
+
+def test_missing_dataset_fails_before_training_naming_the_path(tmp_path):
+    missing = tmp_path / "no_cifar_here"
+    args = tiny_overrides(tmp_path)
+    args[args.index("--data") + 1] = "ftforget.data.CIFAR100DataModule"
+    with pytest.raises(FileNotFoundError, match="no_cifar_here"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/linear.yaml"),
+                *args,
+                "--data.init_args.root",
+                str(missing),
+            ]
+        )
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_wrong_backbone_checkpoint_is_named(tmp_path):
+    wrong = tmp_path / "wrong_model.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 64)}, wrong)
+    # jsonargparse re-raises the factory's CheckpointError as a ValueError with the same text
+    with pytest.raises((CheckpointError, ValueError), match=r"wrong_model.pth' does not match the backbone"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/full.yaml"),
+                *tiny_overrides(tmp_path),
+                "--model.init_args.checkpoint",
+                str(wrong),
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
+    out = tmp_path / "weights"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftforget.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs/block_expansion.yaml"),
+        *tiny_overrides(tmp_path, steps=3),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.callbacks+=helpers.DumpTrainable",
+        "--trainer.callbacks.out_dir",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "trainable parameters" in proc.stdout + proc.stderr
