@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
@@ -38,6 +40,13 @@ class FTForgetCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # The paper's new task; a config or --data picks another data module.
         parser.set_defaults({"data": {"class_path": "ftforget.data.CIFAR100DataModule"}})
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if trainer.precision is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            # bf16 autocast is the fast default on GPUs; --trainer.precision 32-true is the paper's fp32.
+            trainer.precision = "bf16-mixed"
+            rank_zero_info("trainer.precision not set: using bf16-mixed on this GPU (32-true for fp32)")
 
 
 def _trainer_defaults() -> dict:

@@ -197,3 +197,33 @@ def test_schedule_is_stepped_per_iteration(random_images, tmp_path):
         module, random_images
     )
     assert lrs == pytest.approx([0.05 * warmup_cosine(s, 2, 6) for s in range(6)], abs=1e-15)
+
+
+def test_linear_probe_feature_cache_trains_the_same_head(tmp_path):
+    """With a deterministic training transform the cache changes speed, not the result."""
+    from ftforget.data.digits import DigitsDataModule
+
+    heads = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        module = LinearProbing(num_classes=5, warmup_steps=0, lr=0.05, cache_features=cache, **TINY_ARGS)
+        data = DigitsDataModule(batch_size=32, max_shift=0)  # no augmentation: the cache is exact
+        torch.manual_seed(1)
+        quiet_trainer(tmp_path, max_steps=20, limit_val_batches=0).fit(module, data)
+        heads.append(module.head.weight.detach().clone())
+        if cache:
+            x, _ = next(iter(data.train_dataloader()))
+            assert x.shape == (32, 32)  # the train loader now yields features
+    assert torch.allclose(heads[0], heads[1], atol=1e-6, rtol=0)
+    assert not torch.equal(heads[0], LinearProbing(num_classes=5, **TINY_ARGS).head.weight)
+
+
+def test_feature_cache_needs_an_ftforget_data_module(random_images, tmp_path):
+    module = LinearProbing(num_classes=5, cache_features=True, **TINY_ARGS)
+    with pytest.raises(ValueError, match="cache_features=true needs a data module"):
+        quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_images)
+
+
+def test_vit_attention_uses_the_fused_sdpa_kernel():
+    module = _make(FullFineTuning)
+    assert all(block.attn.fused_attn for block in module.backbone.blocks)

@@ -6,7 +6,7 @@ from abc import abstractmethod
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ftforget.data.probe import ProbeData
 
@@ -35,6 +35,7 @@ class FineTuneDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.probe = probe
         self._datasets: dict[str, Dataset] = {}
+        self._cached_train: Dataset | None = None
 
     @abstractmethod
     def build_datasets(self) -> dict[str, Dataset]:
@@ -60,7 +61,8 @@ class FineTuneDataModule(L.LightningDataModule):
             )
         return self.batch_size // world
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
+        """A loader of one split at the per-device batch size; shuffled training loaders drop the last batch."""
         return DataLoader(
             self.dataset(split),
             batch_size=self.per_device_batch_size(),
@@ -71,11 +73,22 @@ class FineTuneDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def use_cached_train_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """From now on the train loader yields ``(feature, label)`` batches of these tensors (linear probe)."""
+        if len(features) != len(labels):
+            raise ValueError(f"{len(features)} cached features but {len(labels)} labels")
+        self._cached_train = TensorDataset(features, labels)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if self._cached_train is not None:
+            # Features live in memory: worker processes would only add start-up cost.
+            return DataLoader(
+                self._cached_train, batch_size=self.per_device_batch_size(), shuffle=True, drop_last=True
+            )
+        return self.loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self.loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self.loader("test", shuffle=False)

@@ -52,6 +52,8 @@ class FineTuningModule(L.LightningModule):
         warmup_steps: linear warmup from 0, in optimizer steps.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         label_smoothing: cross-entropy label smoothing (the paper uses none).
+        compile: run the backbone through ``torch.compile`` (first steps are slow while it compiles;
+            parameters and checkpoints are unchanged).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class FineTuningModule(L.LightningModule):
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -82,6 +85,8 @@ class FineTuningModule(L.LightningModule):
             backbone, checkpoint=checkpoint, pretrained=pretrained, **(backbone_kwargs or {})
         )
         self.head = nn.Linear(feature_dim(self.backbone), num_classes)
+        # Kept out of the module tree so that state-dict keys and checkpoints do not change.
+        self._compiled: list[nn.Module] = []
         top5 = min(5, num_classes)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -105,15 +110,23 @@ class FineTuningModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone feature: the CLS token after the final norm (what the forgetting probe uses)."""
+        if self.hparams.compile and self.training:
+            if not self._compiled:
+                self._compiled.append(torch.compile(self.backbone))
+            return self._compiled[0](x)
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     # ------------------------------------------------------------------------------------------ steps
+    def training_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch (a method with cached features overrides this)."""
+        return self(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = self.training_logits(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc1(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
@@ -142,7 +155,11 @@ class FineTuningModule(L.LightningModule):
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
         hp = self.hparams
-        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        # The fused CUDA kernel updates all parameters in one launch; elsewhere torch picks foreach.
+        fused = all(p.device.type == "cuda" for p in params) or None
+        optimizer = torch.optim.SGD(
+            params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, fused=fused
+        )
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)

@@ -4,12 +4,61 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
 from ftforget.methods.base import FineTuningModule
 
 
 class LinearProbing(FineTuningModule):
-    """Linear probing. Takes every argument of :class:`FineTuningModule`."""
+    """Linear probing.
 
-    def __init__(self, **kwargs: Any) -> None:
+    Args:
+        cache_features: compute the backbone features of the training set once, at the start of the fit,
+            and train the head on them (an epoch then costs a matrix product). Exact when the training
+            transform is deterministic; with random augmentation, the one augmented view drawn for the
+            cache is reused in every epoch, which is *not* the same training as without the cache.
+        **kwargs: the arguments of :class:`FineTuningModule`.
+    """
+
+    def __init__(self, cache_features: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.set_trainable([self.head])
+
+    def training_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # A 2-d batch is a batch of cached features, an image batch is 4-d.
+        return self.head(x) if x.ndim == 2 else self(x)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.hparams.cache_features:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "use_cached_train_features"):
+            raise ValueError(
+                "model.cache_features=true needs a data module with use_cached_train_features "
+                f"(ftforget's data modules have it), got {type(datamodule).__name__}"
+            )
+        features, labels = self.extract_features(datamodule.loader("train", shuffle=False))
+        datamodule.use_cached_train_features(features, labels)
+        rank_zero_info(
+            f"LinearProbing: cached {len(labels):,} training features of width {features.shape[1]}"
+        )
+
+    @torch.no_grad()
+    def extract_features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of every batch of ``loader``, on the CPU; RNG state and train mode restored."""
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for batch in loader:
+                x = batch[0].to(self.device, non_blocking=True)
+                with torch.autocast(
+                    self.device.type, enabled=self.device.type == "cuda", dtype=torch.bfloat16
+                ):
+                    feats.append(self.features(x).float().cpu())
+                labels.append(batch[1].cpu())
+        self.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
