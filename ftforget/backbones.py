@@ -89,7 +89,7 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
     raw = _read_file(path)
-    state = normalize_state_dict(raw, depth=len(model.blocks))
+    state = normalize_state_dict(raw)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -123,7 +123,7 @@ def _read_file(path: Path) -> Mapping[str, Any]:
         raise CheckpointError(f"checkpoint file {str(path)!r} could not be read: {err}") from err
 
 
-def normalize_state_dict(raw: Mapping[str, Any], depth: int | None = None) -> dict[str, torch.Tensor]:
+def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Unwraps a checkpoint into timm ViT key names.
 
     Handles nesting under ``state_dict``/``model``/``teacher``/``student``, the ``module.``,
@@ -137,8 +137,8 @@ def normalize_state_dict(raw: Mapping[str, Any], depth: int | None = None) -> di
             state = state[key]
             break
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("embeddings.") or ".embeddings." in k for k in tensors):
-        return _from_hf_vit(tensors, depth)
+    if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in tensors):
+        return _from_hf_vit(tensors)
     for prefix in _PREFIXES:
         if tensors and any(k.startswith(prefix) for k in tensors):
             # A wrapper: what sits under the prefix is the backbone, the rest (e.g. DINO's projection
@@ -148,55 +148,67 @@ def normalize_state_dict(raw: Mapping[str, Any], depth: int | None = None) -> di
     return {k: v for k, v in tensors.items() if not k.startswith("head.")}
 
 
-_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+# Hugging Face ViTModel block keys -> timm Block keys. The hub's facebook/dino-vitb16 files use the
+# transformers 4 layout ("encoder.layer.N..."); transformers 5 saves "layers.N..." with q/k/v/o_proj.
+_HF_BLOCK = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_BLOCK_MAP = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
     "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_QKV = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
 }
 
 
-def _from_hf_vit(tensors: dict[str, torch.Tensor], depth: int | None) -> dict[str, torch.Tensor]:
+def _from_hf_vit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Maps Hugging Face ``ViTModel`` keys (``facebook/dino-vitb16``) to timm's, fusing q, k, v."""
     prefix = next((p for p in ("vit.", "") if any(k.startswith(p + "embeddings.") for k in tensors)), "")
     hf = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in hf.items():
-        if key == "embeddings.cls_token":
-            out["cls_token"] = value
-        elif key == "embeddings.position_embeddings":
-            out["pos_embed"] = value
-        elif key.startswith("embeddings.patch_embeddings.projection."):
-            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("layernorm."):
-            out["norm." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("pooler.") or key.startswith("classifier."):
+        m = _HF_BLOCK.match(key)
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+        elif key.startswith(("pooler.", "classifier.")):
             continue  # HF's pooler and classifier are heads, not part of the backbone
-        elif m := _HF_BLOCK.match(key):
-            idx, rest = int(m.group(1)), m.group(2)
-            sub, _, param = rest.rpartition(".")
-            if sub.startswith("attention.attention."):
-                qkv.setdefault((idx, param), {})[sub.rsplit(".", 1)[1]] = value
-            elif sub in _HF_BLOCK_MAP:
-                out[f"blocks.{idx}.{_HF_BLOCK_MAP[sub]}.{param}"] = value
-            else:
-                out[key] = value  # reported as unexpected by the strict load
+        elif m and m.group(2) in _HF_QKV:
+            qkv.setdefault((int(m.group(1)), m.group(3)), {})[_HF_QKV[m.group(2)]] = value
+        elif m and m.group(2) in _HF_BLOCK_MAP:
+            out[f"blocks.{m.group(1)}.{_HF_BLOCK_MAP[m.group(2)]}.{m.group(3)}"] = value
         else:
-            out[key] = value
+            out[key] = value  # reported as unexpected by the strict load
     for (idx, param), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            out[f"encoder.layer.{idx}.attention.attention.{param}"] = next(iter(parts.values()))
-            continue
-        out[f"blocks.{idx}.attn.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+        if set(parts) == {"q", "k", "v"}:
+            out[f"blocks.{idx}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+        else:  # an incomplete q/k/v triple is reported by name
+            out.update({f"hf.layer.{idx}.attention.{n}.{param}": v for n, v in parts.items()})
     return out
 
 
 def to_hf_vit_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of the Hugging Face mapping: timm ViT keys to ``ViTModel`` keys (for tests and export)."""
-    inverse = {v: k for k, v in _HF_BLOCK_MAP.items()}
+    """timm ViT keys to Hugging Face ``ViTModel`` keys in the hub's (transformers 4) layout."""
+    inverse = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense"}
+    inverse |= {"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key == "cls_token":

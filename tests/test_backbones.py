@@ -106,3 +106,60 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt.pth.*could not be read"):
         build_backbone("vit_base_patch16_224", checkpoint=bad, **TINY)
+
+
+def _to_transformers5_layout(state):
+    """transformers >= 5 saves ViTModel as layers.N.attention.{q,k,v,o}_proj and layers.N.mlp.fc1/fc2."""
+    out = {}
+    for key, value in to_hf_vit_state_dict(state).items():
+        key = key.replace("encoder.layer.", "layers.")
+        for old, new in (
+            ("attention.attention.query", "attention.q_proj"),
+            ("attention.attention.key", "attention.k_proj"),
+            ("attention.attention.value", "attention.v_proj"),
+            ("attention.output.dense", "attention.o_proj"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+        ):
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def test_transformers5_layout_loads(tmp_path):
+    source = _tiny(seed=4)
+    path = tmp_path / "model.pth"
+    torch.save(
+        {**_to_transformers5_layout(source.state_dict()), "pooler.dense.weight": torch.zeros(2, 2)}, path
+    )
+    assert _same_params(source, build_backbone("vit_base_patch16_224", checkpoint=path, **TINY))
+
+
+def test_incomplete_hf_qkv_is_reported(tmp_path):
+    hf = to_hf_vit_state_dict(_tiny().state_dict())
+    del hf["encoder.layer.0.attention.attention.key.weight"]
+    path = tmp_path / "hf_broken.bin"
+    torch.save(hf, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): blocks.0.attn.qkv.weight"):
+        build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+
+
+def test_real_transformers_vitmodel_gives_the_same_features(tmp_path):
+    """Against the real Hugging Face implementation, where it is installed (pip install '.[bench]')."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+        image_size=32, patch_size=8, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.2)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(hf.state_dict(), path)
+    ours = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state[:, 0]
+    assert torch.allclose(ours(x), expected, atol=1e-5, rtol=0)
