@@ -1,0 +1,297 @@
+"""The ImageNet-1k forgetting probe: val images as queries, train images (or a per-class subset) as the bank.
+
+Accepted layouts (``root`` holds ``train/`` and ``val/``, or give the directories one by one):
+
+- ``train/<wnid>/*.JPEG`` for the bank (always a class tree);
+- ``val/<wnid>/*.JPEG`` (an ImageFolder tree), or the official flat ``val/*.JPEG`` plus a labels file in
+  the Kaggle/ILSVRC ``LOC_val_solution.csv`` format (header ``ImageId,PredictionString``; the prediction
+  string starts with the wnid).
+
+:meth:`ImageNetProbe.setup` checks the tree structure and the class sets up-front, so a wrong path fails
+before training with the path in the message; checking 1.28M files one by one would take too long, so an
+unreadable image is reported, by file name, when it is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from ftforget.data.probe import IndexedDataset, ProbeData
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+_CSV_HEADER = ["ImageId", "PredictionString"]
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be decoded; the message names the file."""
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
+    """DINO's k-NN/linear eval transform: Resize (bicubic), CenterCrop, ImageNet mean/std."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=bicubic), transforms.CenterCrop(crop_size),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+
+
+class ImageListDataset(Dataset):
+    """``(image, label)`` items from a list of ``(path, label)``; decode errors name the file."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise UnreadableImageError(f"cannot read image file {path!r}: {err}") from err
+        return self.transform(image), label
+
+
+def _list_images(directory: Path) -> list[str]:
+    """Sorted image file names directly inside ``directory`` (hidden files skipped)."""
+    with os.scandir(directory) as entries:  # DirEntry.is_file() needs no stat call on most file systems
+        return sorted(
+            e.name
+            for e in entries
+            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+
+
+def scan_class_tree(directory: Path, what: str) -> dict[str, list[str]]:
+    """``wnid -> sorted image paths`` of a ``<dir>/<wnid>/*`` tree.
+
+    Raises:
+        FileNotFoundError: the directory is missing.
+        ValueError: it has no class sub-directories, or a class directory holds no image.
+    """
+    if not directory.is_dir():
+        raise FileNotFoundError(f"ImageNet probe: {what} directory {str(directory)!r} does not exist")
+    with os.scandir(directory) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"ImageNet probe: {what} directory {str(directory)!r} has no class sub-directories "
+            f"(expected {str(directory)!r}/<wnid>/*.JPEG)"
+        )
+    tree: dict[str, list[str]] = {}
+    for wnid in classes:
+        names = _list_images(directory / wnid)
+        if not names:
+            raise ValueError(
+                f"ImageNet probe: {what} class directory {str(directory / wnid)!r} contains no images"
+            )
+        tree[wnid] = [str(directory / wnid / n) for n in names]
+    return tree
+
+
+def read_val_labels(csv_path: Path) -> dict[str, str]:
+    """``image id -> wnid`` from a ``LOC_val_solution.csv``-style file; errors name the file (and line)."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"ImageNet probe: val_labels file {str(csv_path)!r} does not exist")
+    labels: dict[str, str] = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != _CSV_HEADER:
+            raise ValueError(
+                f"ImageNet probe: val_labels file {str(csv_path)!r} must start with the header "
+                f"'ImageId,PredictionString' (LOC_val_solution.csv format), got {header!r}"
+            )
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            words = row[1].split() if len(row) >= 2 else []
+            if not row[0].strip() or not words:
+                raise ValueError(
+                    f"ImageNet probe: val_labels file {str(csv_path)!r} line {line_no} is malformed: {row!r}"
+                )
+            labels[row[0].strip()] = words[0]
+    if not labels:
+        raise ValueError(f"ImageNet probe: val_labels file {str(csv_path)!r} has no rows")
+    return labels
+
+
+def scan_flat_val(val_dir: Path, csv_path: Path) -> dict[str, list[str]]:
+    """``wnid -> sorted image paths`` of a flat val folder labelled by a CSV file."""
+    if not val_dir.is_dir():
+        raise FileNotFoundError(f"ImageNet probe: val directory {str(val_dir)!r} does not exist")
+    labels = read_val_labels(csv_path)
+    files = {Path(name).stem: name for name in _list_images(val_dir)}
+    missing = sorted(set(labels) - set(files))
+    if missing:
+        raise ValueError(
+            f"ImageNet probe: {len(missing)} images listed in {str(csv_path)!r} are not in {str(val_dir)!r}, "
+            f"e.g. {missing[:5]}"
+        )
+    unlabelled = len(set(files) - set(labels))
+    if unlabelled:
+        log.warning(
+            "ImageNet probe: %d images in %s have no label in %s; ignored", unlabelled, val_dir, csv_path
+        )
+    tree: dict[str, list[str]] = {}
+    for image_id in sorted(labels):
+        tree.setdefault(labels[image_id], []).append(str(val_dir / files[image_id]))
+    return tree
+
+
+def subset_per_class(tree: dict[str, list[str]], n: int | None, seed: int) -> dict[str, list[str]]:
+    """At most ``n`` images per class, drawn with a per-class seed so a class's pick never depends on others."""
+    if n is None:
+        return tree
+    # A str seed is hashed with SHA-512 by ``random``: the pick is the same in every process and run.
+    return {
+        wnid: sorted(random.Random(f"{seed}:{wnid}").sample(paths, min(n, len(paths))))
+        for wnid, paths in tree.items()
+    }
+
+
+class ImageNetProbe(ProbeData):
+    """ImageNet-1k k-NN probe (DINO protocol).
+
+    Args:
+        root: directory with ``train/`` and ``val/`` (either may be overridden below).
+        train_dir: the train tree ``<wnid>/*.JPEG`` the bank is drawn from (default ``root/train``).
+        val_dir: the val images, a ``<wnid>/*.JPEG`` tree or flat (default ``root/val``).
+        val_labels: labels of a flat ``val_dir`` (``LOC_val_solution.csv`` format); must be None for a tree.
+        bank_per_class: bank = this many train images per class (fixed-seed subset); None: all of train.
+        queries_per_class: queries = this many val images per class (quick curves); None: all of val.
+        seed: seed of both subsets.
+        resize_size: shorter side after the bicubic resize.
+        crop_size: center crop (the model's input size).
+    """
+
+    name = "imagenet1k"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        val_labels: str | None = None,
+        bank_per_class: int | None = None,
+        queries_per_class: int | None = None,
+        seed: int = 0,
+        resize_size: int = 256,
+        crop_size: int = 224,
+    ) -> None:
+        if root is None and (train_dir is None or val_dir is None):
+            raise ValueError("ImageNet probe: give root, or both train_dir and val_dir")
+        for option, value in (("bank_per_class", bank_per_class), ("queries_per_class", queries_per_class)):
+            if value is not None and value < 1:
+                raise ValueError(f"ImageNet probe: {option} must be >= 1 or None, got {value}")
+        if not 0 < crop_size <= resize_size:
+            raise ValueError(
+                f"ImageNet probe: need 0 < crop_size <= resize_size, got {crop_size} and {resize_size}"
+            )
+        self.root = Path(root).expanduser() if root is not None else None
+        self.train_dir = Path(train_dir).expanduser() if train_dir else self.root / "train"  # type: ignore[operator]
+        self.val_dir = Path(val_dir).expanduser() if val_dir else self.root / "val"  # type: ignore[operator]
+        self.val_labels = Path(val_labels).expanduser() if val_labels else None
+        self.bank_per_class, self.queries_per_class, self.seed = bank_per_class, queries_per_class, seed
+        self.resize_size, self.crop_size = resize_size, crop_size
+        self.transform = eval_transform(resize_size, crop_size)
+        self.classes: list[str] = []
+        self._bank: list[tuple[str, int]] = []
+        self._queries: list[tuple[str, int]] = []
+        self._cache_key = ""
+
+    @property
+    def num_classes(self) -> int:
+        self._require_setup()
+        return len(self.classes)
+
+    def setup(self) -> None:
+        """Scans and checks both trees (structure, class sets, labels file); idempotent."""
+        if self.classes:
+            return
+        if self.root is not None and not self.root.is_dir():
+            raise FileNotFoundError(f"ImageNet probe: root directory {str(self.root)!r} does not exist")
+        train = scan_class_tree(self.train_dir, "train")
+        if self.val_labels is not None:
+            val = scan_flat_val(self.val_dir, self.val_labels)
+        elif self.val_dir.is_dir() and _list_images(self.val_dir):
+            raise ValueError(
+                f"ImageNet probe: val directory {str(self.val_dir)!r} holds images directly (the official flat "
+                "layout); pass val_labels (LOC_val_solution.csv) or arrange it as val/<wnid>/*.JPEG"
+            )
+        else:
+            val = scan_class_tree(self.val_dir, "val")
+        self._check_classes(set(train), set(val))
+        classes = sorted(train)
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        bank = subset_per_class(train, self.bank_per_class, self.seed)
+        queries = subset_per_class(val, self.queries_per_class, self.seed)
+        self._bank = [(p, index[w]) for w in classes for p in bank[w]]
+        self._queries = [(p, index[w]) for w in classes for p in queries[w]]
+        self.classes = classes
+        log.info(f"ImageNet probe: {len(classes)} classes, bank {len(self._bank)} images from {self.train_dir}, "
+                 f"{len(self._queries)} queries from {self.val_dir}")  # fmt: skip
+
+    def _check_classes(self, train: set[str], val: set[str]) -> None:
+        val_source = str(self.val_labels or self.val_dir)
+        for have, lack, have_dir, lack_dir in (
+            (train, val, self.train_dir, val_source),
+            (val, train, val_source, self.train_dir),
+        ):
+            extra = sorted(have - lack)
+            if extra:
+                raise ValueError(
+                    f"ImageNet probe: {len(extra)} classes of {str(have_dir)!r} are absent from {str(lack_dir)!r}, "
+                    f"e.g. {extra[:5]}; bank and queries must have the same classes"
+                )
+
+    def bank_dataset(self) -> Dataset:
+        self._require_setup()
+        return IndexedDataset(ImageListDataset(self._bank, self.transform))
+
+    def query_dataset(self) -> Dataset:
+        self._require_setup()
+        return IndexedDataset(ImageListDataset(self._queries, self.transform))
+
+    def cache_key(self) -> str:
+        """Hash of the chosen files (relative names, labels) and the transform.
+
+        Relative names let a copy of ImageNet elsewhere (e.g. node-local disk) reuse the cache; file
+        contents are not hashed (1.33M reads), so an edited copy under the same names must not share it.
+        """
+        self._require_setup()
+        if self._cache_key:
+            return self._cache_key
+        digest = hashlib.sha256()
+        for part, samples, base in (
+            ("bank", self._bank, self.train_dir),
+            ("queries", self._queries, self.val_dir),
+        ):
+            digest.update(f"{part}:{len(samples)}\n".encode())
+            cut = len(str(base)) + 1  # every path was built as str(base / ...): slicing is relpath, faster
+            digest.update("".join(f"{path[cut:]}\t{label}\n" for path, label in samples).encode())
+        transform = {"resize": self.resize_size, "crop": self.crop_size, "interp": "bicubic"}
+        digest.update(json.dumps(transform | {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}).encode())
+        self._cache_key = f"{self.name}-{digest.hexdigest()[:32]}"  # 1.33M names: hash them once
+        return self._cache_key
+
+    def _require_setup(self) -> None:
+        if not self.classes:
+            raise RuntimeError("ImageNetProbe.setup() must be called first")

@@ -1,0 +1,182 @@
+"""DINO's weighted k-NN classifier, split into the pieces a sharded bank needs; no Lightning, no collectives.
+
+DINO (``eval_knn.py``) classifies a query by its ``k`` most cosine-similar bank features, each voting for its
+label with weight ``exp(sim / T)``. With the bank sharded across ranks, every rank computes the top-k of its
+own shard (:func:`local_topk`), the candidates of all shards are merged (:func:`merge_topk`), and the merged
+top-k vote (:func:`weighted_vote`). The global top-k is always inside the union of the shards' top-k, so the
+result does not depend on the sharding (ties at the k-th neighbour aside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+
+
+def check_knn_args(ks: Sequence[int], temperature: float, bank_size: int | None = None) -> list[int]:
+    """Validates the k values and the temperature; returns the k values as a list of ints.
+
+    Raises:
+        ValueError: naming the offending value.
+    """
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("k: at least one value is needed")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"k must be >= 1, got {ks}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"k values must be distinct, got {ks}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if bank_size is not None and max(ks) > bank_size:
+        raise ValueError(f"k={max(ks)} exceeds the memory bank size {bank_size}")
+    return ks
+
+
+def normalize(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalises rows in float32 (cosine similarity is then a dot product)."""
+    return F.normalize(features.float(), dim=1)
+
+
+def local_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    k: int,
+    bank_chunk: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most similar bank rows of every query, chunk by chunk over the bank.
+
+    Args:
+        queries: L2-normalised query features, ``(Q, D)``.
+        bank: L2-normalised bank features ``(N, D)``, any floating dtype (fp16/bf16 storage is upcast per
+            chunk, similarities are float32).
+        bank_labels: ``(N,)`` integer labels.
+        k: neighbours to keep.
+        bank_chunk: bank rows per similarity block (bounds memory at ``Q * bank_chunk`` floats).
+
+    Returns:
+        ``(sims, labels)``, both ``(Q, k)`` sorted by decreasing similarity. Where the bank has fewer than
+        ``k`` rows the missing slots hold similarity ``-inf`` (vote weight 0) and label 0.
+    """
+    if bank_chunk < 1:
+        raise ValueError(f"bank_chunk must be >= 1, got {bank_chunk}")
+    q = queries.float()
+    best_sims = q.new_full((q.shape[0], k), float("-inf"))
+    best_labels = torch.zeros(q.shape[0], k, dtype=torch.long, device=q.device)
+    for start in range(0, bank.shape[0], bank_chunk):
+        chunk = bank[start : start + bank_chunk].to(device=q.device, dtype=torch.float32)
+        sims = q @ chunk.T
+        kk = min(k, sims.shape[1])
+        top_sims, top_idx = sims.topk(kk, dim=1)
+        labels = bank_labels[start : start + bank_chunk].to(q.device)[top_idx]
+        best_sims, best_labels = merge_topk([best_sims, top_sims], [best_labels, labels], k)
+    return best_sims, best_labels
+
+
+def merge_topk(
+    sims: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges candidate lists ``(Q, k_i)`` (e.g. one per bank shard) into the overall top-``k``, sorted."""
+    all_sims = torch.cat(list(sims), dim=1)
+    all_labels = torch.cat(list(labels), dim=1)
+    top_sims, pos = all_sims.topk(min(k, all_sims.shape[1]), dim=1)
+    return top_sims, all_labels.gather(1, pos)
+
+
+def weighted_vote(
+    sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """Class scores ``(Q, C)``: each neighbour adds ``exp(sim / T)`` to its label (DINO's vote).
+
+    The weights are computed as ``exp((sim - max_sim) / T)``, a positive per-query constant times DINO's,
+    so the ranking of the classes is DINO's exactly while small temperatures cannot overflow float32.
+    """
+    top = sims[:, :1]
+    # Empty slots (-inf) of a bank smaller than k get weight exactly 0.
+    weights = torch.exp((sims - top) / temperature).nan_to_num(nan=0.0)
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return scores.scatter_add_(1, labels, weights)
+
+
+def predict_from_topk(
+    sims: torch.Tensor, labels: torch.Tensor, num_classes: int, ks: Sequence[int], temperature: float
+) -> dict[int, torch.Tensor]:
+    """Ranked class predictions ``(Q, min(5, k, C))`` per k, best first.
+
+    As DINO's ``knn_classifier``, top-5 looks at ``min(5, k)`` predictions: beyond the k-th, classes have
+    no vote and their order would be arbitrary.
+
+    Args:
+        sims: merged neighbour similarities ``(Q, >= max(ks))``, sorted decreasingly.
+        labels: their labels.
+        num_classes: number of classes.
+        ks: neighbour counts; each uses the first ``k`` columns, so one top-k pass serves them all.
+        temperature: DINO's T.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for k in ks:
+        scores = weighted_vote(sims[:, :k], labels[:, :k], num_classes, temperature)
+        out[k] = scores.topk(min(5, k, num_classes), dim=1).indices
+    return out
+
+
+def count_correct(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(top-1 hits, top-5 hits) of ``(Q, m)`` ranked predictions against ``(Q,)`` targets."""
+    hits = predictions == targets.to(predictions.device)[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def knn_predict(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (DEFAULT_K,),
+    temperature: float = DEFAULT_TEMPERATURE,
+    query_chunk: int = 1024,
+    bank_chunk: int = 65536,
+) -> dict[int, torch.Tensor]:
+    """Weighted k-NN predictions for every query against a whole (single-process) bank.
+
+    Args:
+        queries: ``(Q, D)`` features (normalised here).
+        bank: ``(N, D)`` features (normalised here).
+        bank_labels: ``(N,)`` labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        ks: neighbour counts evaluated in one pass.
+        temperature: DINO's T.
+        query_chunk: queries per block.
+        bank_chunk: bank rows per block.
+
+    Returns:
+        ``k -> (Q, min(5, k, C))`` predictions, best first.
+    """
+    ks = check_knn_args(ks, temperature, bank_size=bank.shape[0])
+    check_labels(bank_labels, num_classes, "bank")
+    bank = normalize(bank)
+    preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, queries.shape[0], query_chunk):
+        q = normalize(queries[start : start + query_chunk])
+        sims, labels = local_topk(q, bank, bank_labels, max(ks), bank_chunk)
+        for k, p in predict_from_topk(sims, labels, num_classes, ks, temperature).items():
+            preds[k].append(p)
+    return {
+        k: torch.cat(p)
+        if p
+        else torch.empty(0, min(5, k, num_classes), dtype=torch.long, device=queries.device)
+        for k, p in preds.items()
+    }
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """Raises ``ValueError`` if a label lies outside ``[0, num_classes)``."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{what} labels must lie in [0, {num_classes}), got min {int(labels.min())}, max {int(labels.max())}"
+        )
