@@ -18,7 +18,8 @@ from ftforget.cli import main, run_lightning
 from ftforget.methods import LoRA, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# one config per method and table row; configs/forgetting.yaml is an add-on (a second --config)
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "forgetting")
 # 12 blocks so that every shipped config (p=1..4, positions [10]) applies as written
 TINY12 = '{"depth": 12, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}'
 
@@ -62,6 +63,19 @@ def test_every_config_parses(config, capsys):
     assert printed["data"]["class_path"] == "ftforget.data.CIFAR100DataModule"
     assert printed["trainer"]["max_steps"] == 10_000
     assert printed["data"]["init_args"]["batch_size"] == 128
+
+
+def test_forgetting_addon_parses_with_a_method_config(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs/lora.yaml"), "--config", str(ROOT / "configs/forgetting.yaml"),
+              "--print_config"])  # fmt: skip
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "ftforget.methods.LoRA"
+    assert printed["data"]["init_args"]["probe"]["class_path"] == "ftforget.data.imagenet.ImageNetProbe"
+    [callback] = printed["trainer"]["callbacks"]
+    assert callback["class_path"] == "ftforget.forgetting.ForgettingCallback"
+    assert callback["init_args"]["k"] == [20, 10, 100, 200]
 
 
 @pytest.mark.slow

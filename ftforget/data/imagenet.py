@@ -26,6 +26,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ftforget.data.pixel_cache import (
+    PixelCacheDataset,
+    ToUint8Array,
+    build_pixel_cache,
+    cache_complete,
+    crop_transform,
+)
 from ftforget.data.probe import IndexedDataset, ProbeData
 
 log = logging.getLogger(__name__)
@@ -180,6 +187,8 @@ class ImageNetProbe(ProbeData):
         seed: seed of both subsets.
         resize_size: shorter side after the bicubic resize.
         crop_size: center crop (the model's input size).
+        pixel_cache_dir: keep the center-cropped uint8 pixels of bank and queries in memory-mapped files
+            here (built on first use: ~150 KB per image at 224 px), so later measurements decode no JPEG.
     """
 
     name = "imagenet1k"
@@ -195,6 +204,7 @@ class ImageNetProbe(ProbeData):
         seed: int = 0,
         resize_size: int = 256,
         crop_size: int = 224,
+        pixel_cache_dir: str | None = None,
     ) -> None:
         if root is None and (train_dir is None or val_dir is None):
             raise ValueError("ImageNet probe: give root, or both train_dir and val_dir")
@@ -212,6 +222,7 @@ class ImageNetProbe(ProbeData):
         self.bank_per_class, self.queries_per_class, self.seed = bank_per_class, queries_per_class, seed
         self.resize_size, self.crop_size = resize_size, crop_size
         self.transform = eval_transform(resize_size, crop_size)
+        self.pixel_cache_dir = Path(pixel_cache_dir).expanduser() if pixel_cache_dir else None
         self.classes: list[str] = []
         self._bank: list[tuple[str, int]] = []
         self._queries: list[tuple[str, int]] = []
@@ -264,11 +275,22 @@ class ImageNetProbe(ProbeData):
 
     def bank_dataset(self) -> Dataset:
         self._require_setup()
-        return IndexedDataset(ImageListDataset(self._bank, self.transform))
+        return IndexedDataset(self._images("bank", self._bank))
 
     def query_dataset(self) -> Dataset:
         self._require_setup()
-        return IndexedDataset(ImageListDataset(self._queries, self.transform))
+        return IndexedDataset(self._images("queries", self._queries))
+
+    def _images(self, part: str, samples: list[tuple[str, int]]) -> Dataset:
+        if self.pixel_cache_dir is None:
+            return ImageListDataset(samples, self.transform)
+        prefix = self.pixel_cache_dir / f"{self.cache_key()}-{part}"
+        if not cache_complete(prefix):
+            log.info(f"ImageNet probe: building the pixel cache {prefix} ({len(samples)} images)")
+            decode = transforms.Compose([crop_transform(self.resize_size, self.crop_size), ToUint8Array()])
+            labels = [label for _, label in samples]
+            build_pixel_cache(ImageListDataset(samples, decode), labels, self.crop_size, prefix)
+        return PixelCacheDataset(prefix)
 
     def cache_key(self) -> str:
         """Hash of the chosen files (relative names, labels) and the transform.

@@ -72,7 +72,7 @@ class ForgettingCallback(L.Callback):
         batch_size: int = 256,
         num_workers: int = 4,
         bank_dtype: str = "float32",
-        autocast_dtype: str | None = "float16",
+        autocast_dtype: str | None = "bfloat16",
         new_task_val: bool = True,
         cache_dir: str | None = None,
         reuse_unchanged: bool = True,

@@ -63,7 +63,7 @@ class KNNConfig:
     batch_size: int = 256
     num_workers: int = 4
     bank_dtype: str = "float32"
-    autocast_dtype: str | None = "float16"
+    autocast_dtype: str | None = "bfloat16"
     query_chunk: int = 1024
     bank_chunk: int = 65536
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--seed", type=int, default=0, help="seed of the subsets")
     probe.add_argument("--crop_size", type=int, help="center crop (default: the model's input size)")
     probe.add_argument("--resize_size", type=int, help="bicubic resize (default: crop_size * 256 / 224)")
+    probe.add_argument("--pixel_cache_dir", help="memory-mapped center-cropped pixels (built on first use)")
     knn = p.add_argument_group("k-NN")
     knn.add_argument(
         "--k", type=int, nargs="+", default=[DEFAULT_K], help="neighbour counts, e.g. 10 20 100 200"
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
     knn.add_argument("--num_workers", type=int, default=8, help="data-loading workers per process")
     knn.add_argument("--bank_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    knn.add_argument("--autocast_dtype", default="float16", help="CUDA autocast dtype, or 'none' for fp32")
+    knn.add_argument("--autocast_dtype", default="bfloat16", help="CUDA autocast dtype, or 'none' for fp32")
     knn.add_argument("--device", help="default: cuda (the local rank's GPU) if available, else cpu")
     knn.add_argument("--cache_dir", help="on-disk feature cache, keyed by weights and probe")
     p.add_argument("--output", help="JSON file for the result (written by rank 0)")
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         root=args.imagenet_root, train_dir=args.train_dir, val_dir=args.val_dir, val_labels=args.val_labels,
         bank_per_class=args.bank_per_class, queries_per_class=args.queries_per_class, seed=args.seed,
         crop_size=crop, resize_size=args.resize_size or round(crop * 256 / 224),
+        pixel_cache_dir=args.pixel_cache_dir,
     )  # fmt: skip
     probe.setup()
     device, joined = _setup_distributed(args.device)

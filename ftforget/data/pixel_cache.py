@@ -1,0 +1,114 @@
+"""Pre-decoded probe pixels: the center-cropped uint8 images of a probe, in one memory-mapped file.
+
+A forgetting measurement over ImageNet-1k decodes and resizes every JPEG of the bank and the queries,
+every time. The eval transform is deterministic up to the crop, so the cropped uint8 pixels can be stored
+once and memory-mapped: a later measurement then costs no JPEG decoding. What the cache stores is exactly
+what :func:`crop_transform` gives, and :func:`to_normalized_tensor` turns it into the same float tensor as
+the JPEG path (a test checks the pixels and the accuracy are identical).
+
+Files, for a prefix ``P``: ``P.u8`` (``N x crop x crop x 3`` uint8, row-major, no header) and ``P.json``
+(``{"n", "size", "labels"}``), written last, so a half-built cache is never taken for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_transform(resize_size: int, crop_size: int) -> transforms.Compose:
+    """The geometric half of DINO's eval transform: bicubic Resize, CenterCrop (PIL in, PIL out)."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    return transforms.Compose(
+        [transforms.Resize(resize_size, interpolation=bicubic), transforms.CenterCrop(crop_size)]
+    )
+
+
+def to_normalized_tensor(image: object) -> torch.Tensor:
+    """The numeric half: uint8 HWC pixels (PIL image or array) to a normalised CHW float tensor."""
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class ToUint8Array:
+    """PIL image to a ``(H, W, 3)`` uint8 tensor (a class, not a lambda, so loader workers can pickle it)."""
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+
+def cache_complete(prefix: Path) -> bool:
+    return prefix.with_suffix(".json").is_file() and prefix.with_suffix(".u8").is_file()
+
+
+def build_pixel_cache(
+    dataset: Dataset, labels: list[int], crop_size: int, prefix: Path, num_workers: int = 8
+) -> None:
+    """Decodes ``dataset`` (items ``(uint8 HWC tensor, label)``) once into ``prefix.u8`` / ``prefix.json``.
+
+    Several processes may build the same cache at once: each writes a private temporary file and the
+    rename is atomic, so readers only ever see a complete cache.
+    """
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    tmp = prefix.parent / f".{prefix.name}.{os.getpid()}.u8"
+    array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, crop_size, crop_size, 3))
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, shuffle=False)
+    start, cursor = time.perf_counter(), 0
+    for images, _ in loader:
+        array[cursor : cursor + len(images)] = images.numpy()
+        cursor += len(images)
+        if cursor % 20_000 < len(images):
+            log.info("pixel cache %s: %d / %d images (%.0f images/s)", prefix.name, cursor, n,
+                     cursor / (time.perf_counter() - start))  # fmt: skip
+    if cursor != n:
+        raise RuntimeError(f"pixel cache {str(prefix)!r}: decoded {cursor} images, expected {n}")
+    array.flush()
+    del array
+    os.replace(tmp, prefix.with_suffix(".u8"))
+    meta = {"n": n, "size": crop_size, "labels": [int(x) for x in labels]}
+    tmp_json = prefix.parent / f".{prefix.name}.{os.getpid()}.json"
+    tmp_json.write_text(json.dumps(meta))
+    os.replace(tmp_json, prefix.with_suffix(".json"))
+
+
+class PixelCacheDataset(Dataset):
+    """``(normalised image, label)`` items from a pixel cache, identical to the JPEG path's."""
+
+    def __init__(self, prefix: Path) -> None:
+        if not cache_complete(prefix):
+            raise FileNotFoundError(f"pixel cache {str(prefix)!r}: {prefix.name}.u8/.json not found")
+        meta = json.loads(prefix.with_suffix(".json").read_text())
+        self.prefix, self.size, self.labels = prefix, int(meta["size"]), list(meta["labels"])
+        expected = len(self.labels) * self.size * self.size * 3
+        actual = prefix.with_suffix(".u8").stat().st_size
+        if actual != expected:
+            raise ValueError(
+                f"pixel cache {str(prefix.with_suffix('.u8'))!r} has {actual} bytes, expected {expected}"
+            )
+        self._array: np.memmap | None = None  # opened lazily: a memmap is per process (loader workers)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self._array is None:
+            shape = (len(self.labels), self.size, self.size, 3)
+            self._array = np.memmap(self.prefix.with_suffix(".u8"), dtype=np.uint8, mode="r", shape=shape)
+        return to_normalized_tensor(np.array(self._array[index])), self.labels[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
