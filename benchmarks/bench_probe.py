@@ -19,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--imagenet_root", help="real ImageNet; default: a synthetic JPEG tree")
     p.add_argument("--classes", type=int, default=10, help="synthetic tree: classes")
     p.add_argument("--per_class", type=int, default=20, help="synthetic tree: train images per class")
+    p.add_argument("--image_px", type=int, default=64, help="synthetic tree: JPEG height (ImageNet's: ~375)")
     p.add_argument("--bank_per_class", type=int, help="bank subset per class (real ImageNet)")
     p.add_argument("--queries_per_class", type=int, help="query subset per class (real ImageNet)")
     p.add_argument("--bank_size", type=int, default=100_000)
@@ -71,7 +73,9 @@ def write_tree(root: Path, classes: int, per_class: int, size: int = 64) -> None
                 Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
 
 
-def bench_extraction(args: argparse.Namespace, probe: ImageNetProbe, device: torch.device) -> float:
+def bench_extraction(
+    args: argparse.Namespace, probe: ImageNetProbe, device: torch.device, label: str = "JPEG path"
+) -> float:
     torch.manual_seed(0)
     model = build_backbone(args.backbone, **args.backbone_kwargs).to(device).eval()
     dataset = probe.bank_dataset()
@@ -79,19 +83,52 @@ def bench_extraction(args: argparse.Namespace, probe: ImageNetProbe, device: tor
                      args.batch_size, 0, device)  # warm-up (allocator, kernels)  # fmt: skip
     start = time.perf_counter()
     shard = extract_features(
-        model, dataset, args.batch_size, args.num_workers, device, autocast_dtype=torch.float16
+        model, dataset, args.batch_size, args.num_workers, device, autocast_dtype=torch.bfloat16
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     rate = len(dataset) / seconds
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    start = time.perf_counter()
+    loaded = sum(len(batch[0]) for batch in loader)
+    print(f"data loading only, {label}: {loaded / (time.perf_counter() - start):.1f} images/s")
     print(
-        f"feature extraction: {len(dataset)} images ({probe.crop_size}px, dim {shard.features.shape[1]}) "
+        f"feature extraction, {label}: {len(dataset)} images ({probe.crop_size}px, dim {shard.features.shape[1]}) "
         f"in {seconds:.2f} s = {rate:.1f} images/s (batch {args.batch_size}, {args.num_workers} workers)"
     )
     print(f"  -> full ImageNet probe (1.28M bank + 50k val) at this rate: {IMAGENET_IMAGES / rate / 3600:.2f} h "
           "per measurement and device")  # fmt: skip
     return rate
+
+
+def bench_model_only(args: argparse.Namespace, device: torch.device) -> None:
+    """The forward pass alone: float32 eager against the probe's path (inference mode, bf16 autocast on GPU)."""
+    torch.manual_seed(0)
+    model = build_backbone(args.backbone, **args.backbone_kwargs).to(device).eval()
+    img = int(model.patch_embed.img_size[0])
+    x = torch.randn(args.batch_size, 3, img, img, device=device)
+
+    def run(fast: bool, reps: int = 5) -> float:
+        grad = torch.inference_mode() if fast else torch.enable_grad()
+        cast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if fast and device.type == "cuda" else nullcontext()
+        )
+        with grad, cast:
+            model(x)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return reps * len(x) / (time.perf_counter() - start)
+
+    slow, fast = run(False), run(True)
+    print(f"forward only, batch {len(x)}: float32 eager (autograd on) {slow:.1f} images/s, probe path "
+          f"(inference mode{', bf16 autocast' if device.type == 'cuda' else ''}) {fast:.1f} images/s "
+          f"= x{fast / slow:.2f}")  # fmt: skip
 
 
 def bench_knn(args: argparse.Namespace, dim: int, device: torch.device) -> None:
@@ -168,7 +205,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.imagenet_root or Path(tmp) / "imagenet")
         if args.imagenet_root is None:
-            write_tree(root, args.classes, args.per_class)
+            write_tree(root, args.classes, args.per_class, args.image_px)
         crop = int(args.backbone_kwargs.get("img_size", 224))
         probe = ImageNetProbe(root=str(root), bank_per_class=args.bank_per_class,
                               queries_per_class=args.queries_per_class, crop_size=crop,
@@ -177,7 +214,17 @@ def main() -> None:
         print(
             f"device {device}, threads {torch.get_num_threads()}, backbone {args.backbone} {args.backbone_kwargs}"
         )
-        bench_extraction(args, probe, device)
+        jpeg_rate = bench_extraction(args, probe, device)
+        cached = ImageNetProbe(root=str(root), bank_per_class=args.bank_per_class,
+                               queries_per_class=args.queries_per_class, crop_size=crop,
+                               resize_size=round(crop * 256 / 224), pixel_cache_dir=str(Path(tmp) / "pixels"))  # fmt: skip
+        cached.setup()
+        start = time.perf_counter()
+        cached.bank_dataset(), cached.query_dataset()  # builds the cache once
+        print(f"pixel cache built in {time.perf_counter() - start:.2f} s (one-time)")
+        cache_rate = bench_extraction(args, cached, device, label="pixel cache")
+        print(f"  -> pixel cache / JPEG path: x{cache_rate / jpeg_rate:.2f}")
+        bench_model_only(args, device)
         dim = build_backbone(args.backbone, **args.backbone_kwargs).num_features
         bench_knn(args, dim, device)
         steps = [s for s in DEFAULT_EVAL_STEPS if s <= args.train_steps]
