@@ -66,7 +66,8 @@ def build_pixel_cache(
     n = len(labels)
     tmp = prefix.parent / f".{prefix.name}.{os.getpid()}.u8"
     array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, crop_size, crop_size, 3))
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, shuffle=False)
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=False)
     start, cursor = time.perf_counter(), 0
     for images, _ in loader:
         array[cursor : cursor + len(images)] = images.numpy()

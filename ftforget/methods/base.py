@@ -175,5 +175,8 @@ class FineTuningModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         trainable, total = self.parameter_counts()
+        counts = {"params/trainable": trainable, "params/total": total}
         for logger in self.loggers:
-            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=self.global_step)
+            logger.log_metrics(counts, step=self.global_step)
+            # TensorBoard scalars are float32 (85,875,556 reads back as 85,875,552): keep exact integers too.
+            logger.log_hyperparams(counts)

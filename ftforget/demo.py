@@ -1,0 +1,250 @@
+"""``ftforget demo``: the whole experiment in miniature, on scikit-learn's digits, on a CPU, in minutes.
+
+1. Pretrain a tiny ViT of timm's real architecture on the old digits (the probe's memory bank), once:
+   the backbone is cached as a timm-format ``.pth`` keyed by every setting that shapes it.
+2. Fine-tune it on the new digits with every method, through the real CLI
+   (``ftforget fit --config configs/demo/<method>.yaml --config configs/demo/common.yaml``), while the
+   forgetting callback measures k-NN accuracy on the old digits at fixed steps; then test the final
+   weights on the new task in the same run directory.
+3. Write and print the report (:mod:`ftforget.report`) of exactly these runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ftforget
+from ftforget.backbones import build_backbone, feature_dim
+from ftforget.data.digits import DigitsProbe, ShiftAugment
+from ftforget.methods.base import warmup_cosine
+
+#: the methods in the paper's order; each is ``configs/demo/<name>.yaml``
+METHODS = ("full", "top1", "linear", "lora", "block_expansion")
+#: the forgetting callback's steps (log-spaced, as the real run's), cut at the run's last step
+LOG_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Supervised pretraining on the old domain (the real run's backbone is DINO on ImageNet-1k).
+
+    The architecture and the old-domain data come from ``configs/demo/common.yaml``; the rest are the
+    demo's options. Every field is part of the cache key.
+    """
+
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    old_digits: list[int]
+    image_size: int
+    split_seed: int
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    max_shift: int = 2
+    seed: int = 0
+    versions: dict[str, str] = field(
+        default_factory=lambda: {"torch": torch.__version__.split("+")[0], "ftforget": ftforget.__version__}
+    )
+
+    def key(self) -> str:
+        """A short hash of every field: the cache file's name."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain(settings: PretrainSettings) -> tuple[dict[str, torch.Tensor], float]:
+    """Trains backbone + linear head on the probe's bank (the old digits' pretraining split) with AdamW.
+
+    Returns:
+        The backbone's state dict (timm key names) and the training accuracy over the last 100 steps.
+    """
+    torch.manual_seed(settings.seed)
+    probe = DigitsProbe(settings.old_digits, settings.image_size, split_seed=settings.split_seed)
+    bank = probe.bank_dataset()
+    images = torch.stack([bank[i][0] for i in range(len(bank))])  # type: ignore[arg-type]
+    labels = torch.tensor([int(bank[i][1]) for i in range(len(bank))])  # type: ignore[arg-type]
+    data = ShiftAugment(TensorDataset(images, labels), settings.max_shift)
+    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, drop_last=True)
+    backbone = build_backbone(settings.backbone, **settings.backbone_kwargs)
+    model = nn.Sequential(backbone, nn.Linear(feature_dim(backbone), probe.num_classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, settings.warmup_steps, settings.steps)
+    )
+    step, correct, seen = 0, 0, 0
+    while step < settings.steps:
+        for x, y in loader:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step > settings.steps - 100:
+                correct, seen = correct + int((logits.argmax(1) == y).sum()), seen + len(y)
+            if step == settings.steps:
+                break
+    return backbone.state_dict(), correct / max(seen, 1)
+
+
+def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
+    """The cached pretrained backbone for ``settings``, pretraining it first if there is none."""
+    path = cache_dir / f"{settings.backbone}-{settings.key()}.pth"
+    if path.is_file():
+        _say(f"pretrained backbone: reusing {path}")
+        return path
+    _say(f"pretraining the backbone on digits {settings.old_digits} ({settings.steps} steps) ...")
+    start = time.perf_counter()
+    state, train_acc = pretrain(settings)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: an interrupted run never leaves a truncated cache entry.
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    seconds = time.perf_counter() - start
+    info = {"settings": asdict(settings), "train_acc1_last_100_steps": train_acc, "seconds": seconds}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    _say(f"pretrained in {seconds:.0f}s (train accuracy {100 * train_acc:.1f}%): {path}")
+    return path
+
+
+def eval_steps(steps: int) -> list[int]:
+    """The steps the forgetting callback measures at: log-spaced up to, and including, the last step."""
+    return sorted({s for s in LOG_STEPS if s < steps} | {steps})
+
+
+def fine_tune(method: str, config_dir: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
+    """One ``ftforget fit`` of ``method`` then a test of its final weights; returns the run directory."""
+    from ftforget.cli import run_lightning
+
+    argv = [
+        "fit",
+        *("--config", str(config_dir / f"{method}.yaml"), "--config", str(config_dir / "common.yaml")),
+        *("--model.init_args.checkpoint", str(checkpoint)),
+        *("--trainer.max_steps", str(args.steps)),
+        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps(args.steps))}",
+        *("--trainer.logger.init_args.save_dir", str(args.output)),
+        *("--seed_everything", str(args.seed)),
+    ]
+    with warnings.catch_warnings():
+        # LightningCLI warns when it is given args while sys.argv holds the demo's own options.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+        cli = run_lightning(argv)
+    # The final weights, the ones the callback measured last: the row's two accuracies are of one model.
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return Path(cli.trainer.log_dir)
+
+
+def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSettings:
+    """Architecture and old domain from ``common.yaml`` (one source of truth), the rest from ``args``."""
+    common = yaml.safe_load((config_dir / "common.yaml").read_text())
+    model, data = common["model"]["init_args"], common["data"]["init_args"]
+    return PretrainSettings(
+        backbone=model["backbone"],
+        backbone_kwargs=dict(model["backbone_kwargs"]),
+        old_digits=list(data["old_digits"]),
+        image_size=int(data["image_size"]),
+        split_seed=int(data["split_seed"]),
+        steps=args.pretrain_steps,
+        seed=args.seed,
+    )
+
+
+def default_config_dir() -> Path:
+    # configs/ sits next to the package in a clone (the demo is run from a clone or an editable install).
+    return Path(ftforget.__file__).resolve().parent.parent / "configs" / "demo"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftforget demo",
+        description="The paper's experiment in miniature on scikit-learn's digits: pretraining, five "
+        "fine-tuning methods, forgetting curves, the table. A few minutes on 2 CPU cores.",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("runs/demo"), help="runs, cache and report (default: runs/demo)"
+    )
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per method (default: 500)")
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="pretraining steps (default: 1000)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from {','.join(METHODS)} (default: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default: 0)"
+    )
+    parser.add_argument(
+        "--config-dir", type=Path, default=None, help="the demo YAMLs (default: the clone's configs/demo)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="pretrained backbones (default: OUTPUT/pretrained)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default: 1, robust on a busy machine)"
+    )
+    return parser
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(f"[ftforget demo] {message}\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Runs ``ftforget demo``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    config_dir = args.config_dir or default_config_dir()
+    unknown = [m for m in methods if not (config_dir / f"{m}.yaml").is_file()]
+    if unknown or not methods or args.steps < 1 or args.pretrain_steps < 1:
+        sys.stderr.write(
+            f"ftforget demo: need --steps >= 1, --pretrain-steps >= 1 and methods with a config in "
+            f"{config_dir} (got --methods {args.methods!r}; no config for {unknown})\n"
+        )
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, methods, config_dir)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in a process that goes on (tests)
+
+
+def _run(args: argparse.Namespace, methods: list[str], config_dir: Path) -> int:
+    start = time.perf_counter()
+    cache_dir = args.cache_dir or args.output / "pretrained"
+    checkpoint = pretrained_backbone(pretrain_settings(config_dir, args), cache_dir)
+    run_dirs = []
+    for number, method in enumerate(methods, start=1):
+        _say(f"[{number}/{len(methods)}] fine-tuning: {method}, {args.steps} steps")
+        run_dirs.append(fine_tune(method, config_dir, checkpoint, args))
+    from ftforget.report import write_report
+
+    report = write_report(run_dirs, args.output / "report")
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n" + report.markdown + "\n")
+    _say(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
+    _say(f"TensorBoard logs (tensorboard --logdir {args.output}):")
+    for run_dir in run_dirs:
+        _say(f"  {run_dir}")
+    for path in report.files:
+        _say(f"report: {path}")
+    return 0

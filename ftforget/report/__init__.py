@@ -1,0 +1,31 @@
+"""``ftforget report``: the paper-style table and figures from run directories.
+
+- :mod:`~ftforget.report.runs`: finding runs, reading their event files, measurement file and config;
+- :mod:`~ftforget.report.table`: one row per run (Markdown and CSV);
+- :mod:`~ftforget.report.figures`: forgetting curves and the stability-plasticity plane;
+- :mod:`~ftforget.report.command`: the command line, :func:`main`.
+"""
+
+from ftforget.report.command import main, write_report
+from ftforget.report.figures import plot_forgetting_curves, plot_stability_plasticity, save_figures
+from ftforget.report.runs import ReportError, Run, find_runs, load_run, load_runs
+from ftforget.report.table import Row, build_table, read_csv, summarize, to_markdown, write_csv
+
+__all__ = [
+    "ReportError",
+    "Row",
+    "Run",
+    "build_table",
+    "find_runs",
+    "load_run",
+    "load_runs",
+    "main",
+    "plot_forgetting_curves",
+    "plot_stability_plasticity",
+    "read_csv",
+    "save_figures",
+    "summarize",
+    "to_markdown",
+    "write_csv",
+    "write_report",
+]
