@@ -55,7 +55,7 @@ def cache_complete(prefix: Path) -> bool:
 
 
 def build_pixel_cache(
-    dataset: Dataset, labels: list[int], crop_size: int, prefix: Path, num_workers: int = 8
+    dataset: Dataset, labels: list[int], crop_size: int, prefix: Path, num_workers: int | None = None
 ) -> None:
     """Decodes ``dataset`` (items ``(uint8 HWC tensor, label)``) once into ``prefix.u8`` / ``prefix.json``.
 
