@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.base.requires_grad_(False)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        self.slices = dict(slices)
+        self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1]))  # row order, for _b_full
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name, (start, stop) in self.slices.items():
@@ -73,20 +73,32 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled or self.merged:
             return out
-        h = self.dropout(x)
-        if len(self.slices) == 1 and next(iter(self.slices.values())) == (0, self.out_features):
-            name = next(iter(self.slices))
-            return out + F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scale
-        pieces, cursor = [], 0
-        for name, (start, stop) in sorted(self.slices.items(), key=lambda kv: kv[1]):
+        # All slices in two matmuls: h = x A_cat^T (n_slices * r columns), then out += scale * h B_full^T,
+        # where B_full places each B at its rows (zero rows elsewhere: k of qkv). One fused addmm, no cat.
+        h = F.linear(self.dropout(x), self._a_cat())
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self._b_full().t(), alpha=self.scale
+        )
+        return flat.view(out.shape)
+
+    def _a_cat(self) -> torch.Tensor:
+        return torch.cat([self.lora_A[name] for name in self.slices], dim=0)
+
+    def _b_full(self) -> torch.Tensor:
+        """``(out_features, n_slices * r)``: each slice's B in its rows and its own r columns, zeros elsewhere."""
+        n, r = len(self.slices), self.r
+        if n == 1 and next(iter(self.slices.values())) == (0, self.out_features):
+            return next(iter(self.lora_B.values()))
+        rows, cursor = [], 0
+        for j, (name, (start, stop)) in enumerate(self.slices.items()):  # sorted by start
+            b = self.lora_B[name]
             if start > cursor:
-                pieces.append(out[..., cursor:start])
-            update = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scale
-            pieces.append(out[..., start:stop] + update)
+                rows.append(b.new_zeros(start - cursor, n * r))
+            rows.append(F.pad(b, (j * r, (n - j - 1) * r)))
             cursor = stop
         if cursor < self.out_features:
-            pieces.append(out[..., cursor:])
-        return torch.cat(pieces, dim=-1)
+            rows.append(rows[-1].new_zeros(self.out_features - cursor, n * r))
+        return torch.cat(rows)
 
     @torch.no_grad()
     def merge(self) -> None:
