@@ -52,7 +52,7 @@ def measure(
         sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return times, peak
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--rounds", type=int, default=1 if cuda else 3, help="interleaved rounds (peak memory only with 1)"
+    )
     parser.add_argument("--no-peft", action="store_true", help="skip the HF transformers + PEFT comparison")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -136,26 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"# device: {name}; torch {torch.__version__}; {args.backbone} @ {args.image_size}px; "
-        f"batch {args.batch_size}; {args.precision}; median of {args.steps} steps after {args.warmup} warmup"
+        f"batch {args.batch_size}; {args.precision}; median of {args.rounds} x {args.steps} steps after {args.warmup} warmup"
     )
     print("| run | trainable | step ms | images/s | x full | peak MiB | mem x full |")
     print("|---|---|---|---|---|---|---|", flush=True)
-    rows: list[tuple[str, int, float, float | None]] = []
+    runs: dict[str, tuple[int, Callable[[], None]]] = {}
     linear = None
     for method in ["full", *[m for m in args.methods if m != "full"]]:
         module = build(method, args).to(device).train()
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        seconds, peak = measure(ftforget_step(module, device, (x, y), bf16), args.steps, args.warmup, device)
-        rows.append(print_row(f"ftforget {method}", trainable, seconds, peak, rows, args.batch_size))
+        runs[f"ftforget {method}"] = (trainable, ftforget_step(module, device, (x, y), bf16))
         linear = module if method == "linear" else linear
-        del module
-        if cuda:
-            torch.cuda.empty_cache()
     if not args.no_peft:
-        seconds, peak = measure(peft_step(args, device, (x, y), bf16), args.steps, args.warmup, device)
-        rows.append(
-            print_row("HF transformers + PEFT LoRA r8 (q, v)", -1, seconds, peak, rows, args.batch_size)
-        )
+        runs["HF transformers + PEFT LoRA r8 (q, v)"] = (-1, peft_step(args, device, (x, y), bf16))
+    # Rounds interleave the runs, so that a slow phase of a shared machine hits every run alike.
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    peaks: dict[str, float | None] = {}
+    for round_ in range(args.rounds):
+        for label, (_, step) in runs.items():
+            step_times, peak = measure(step, args.steps, args.warmup if round_ == 0 else 1, device)
+            times[label] += step_times
+            peaks[label] = peak if args.rounds == 1 else None  # other runs' tensors stay resident
+    rows: list[tuple[str, int, float, float | None]] = []
+    for label, (trainable, _) in runs.items():
+        seconds = statistics.median(times[label])
+        rows.append(print_row(label, trainable, seconds, peaks[label], rows, args.batch_size))
     lora = next((r for r in rows if r[0] == "ftforget lora_r8"), None)
     if lora and not args.no_peft:
         print(f"ftforget LoRA step / HF+PEFT LoRA step = {lora[2] / rows[-1][2]:.2f}")
@@ -187,8 +195,11 @@ def linear_epoch(
     x, y = batch
     with torch.no_grad(), autocast(device, bf16):
         features = module.features(x).float()
-    image_s, _ = measure(ftforget_step(module, device, (x, y), bf16), args.steps, args.warmup, device)
-    cached_s, _ = measure(ftforget_step(module, device, (features, y), bf16), max(args.steps, 20), 2, device)
+    image_s = statistics.median(
+        measure(ftforget_step(module, device, (x, y), bf16), args.steps, 1, device)[0]
+    )
+    cached = ftforget_step(module, device, (features, y), bf16)
+    cached_s = statistics.median(measure(cached, max(args.steps, 20), 2, device)[0])
     print(
         f"linear probe: image step {1e3 * image_s:.2f} ms, cached-feature step {1e3 * cached_s:.3f} ms, "
         f"speed-up x{image_s / cached_s:.0f} per epoch once the cache exists"
