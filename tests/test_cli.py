@@ -125,50 +125,17 @@ def test_checkpoint_loads_back_and_test_reproduces_outputs(tmp_path):
 def test_resume_continues_step_count_and_schedule(tmp_path):
     steps, stop = 6, 3
     common = [*tiny_overrides(tmp_path, steps=steps), "--model.init_args.warmup_steps", "2"]
-    cfg = str(ROOT / "configs/full.yaml")
-    straight = tmp_path / "straight.jsonl"
-    run_lightning(
-        [
-            "fit",
-            "--config",
-            cfg,
-            *common,
-            "--trainer.callbacks+=helpers.LrRecorder",
-            "--trainer.callbacks.path",
-            str(straight),
-        ]
-    )
-    interrupted, resumed = tmp_path / "interrupted.jsonl", tmp_path / "resumed.jsonl"
+
+    def fit(lr_log: Path, *extra: str):
+        record = ["--trainer.callbacks+=helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]
+        return run_lightning(["fit", "--config", str(ROOT / "configs/full.yaml"), *common, *record, *extra])
+
+    straight, interrupted, resumed = (tmp_path / f"{n}.jsonl" for n in ("straight", "interrupted", "resumed"))
     ckpt = tmp_path / "crash.ckpt"
-    run_lightning(
-        [
-            "fit",
-            "--config",
-            cfg,
-            *common,
-            "--trainer.callbacks+=helpers.LrRecorder",
-            "--trainer.callbacks.path",
-            str(interrupted),
-            "--trainer.callbacks+=helpers.StopAfter",
-            "--trainer.callbacks.step",
-            str(stop),
-            "--trainer.callbacks.path",
-            str(ckpt),
-        ]
-    )
-    cli = run_lightning(
-        [
-            "fit",
-            "--config",
-            cfg,
-            *common,
-            "--trainer.callbacks+=helpers.LrRecorder",
-            "--trainer.callbacks.path",
-            str(resumed),
-            "--ckpt_path",
-            str(ckpt),
-        ]
-    )
+    fit(straight)
+    fit(interrupted, "--trainer.callbacks+=helpers.StopAfter", "--trainer.callbacks.step", str(stop),
+        "--trainer.callbacks.path", str(ckpt))  # fmt: skip
+    cli = fit(resumed, "--ckpt_path", str(ckpt))
     assert cli.trainer.global_step == steps
     read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
     expected = [{"step": s, "lr": 0.005 * warmup_cosine(s, 2, steps)} for s in range(steps)]

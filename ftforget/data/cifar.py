@@ -12,9 +12,8 @@ from torchvision.transforms import v2 as T
 
 from ftforget.data.base import FineTuneDataModule
 from ftforget.data.probe import ProbeData
+from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 
 

@@ -31,29 +31,18 @@ from ftforget.data.pixel_cache import (
     ToUint8Array,
     build_pixel_cache,
     cache_complete,
-    crop_transform,
 )
 from ftforget.data.probe import IndexedDataset, ProbeData
+from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_transform, eval_transform
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 _CSV_HEADER = ["ImageId", "PredictionString"]
 
 
 class UnreadableImageError(RuntimeError):
     """An image file could not be decoded; the message names the file."""
-
-
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
-    """DINO's k-NN/linear eval transform: Resize (bicubic), CenterCrop, ImageNet mean/std."""
-    bicubic = transforms.InterpolationMode.BICUBIC
-    return transforms.Compose([
-        transforms.Resize(resize_size, interpolation=bicubic), transforms.CenterCrop(crop_size),
-        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])  # fmt: skip
 
 
 class ImageListDataset(Dataset):

@@ -21,26 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.transforms import functional as TF
+
+from ftforget.data.transforms import to_normalized_tensor
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def crop_transform(resize_size: int, crop_size: int) -> transforms.Compose:
-    """The geometric half of DINO's eval transform: bicubic Resize, CenterCrop (PIL in, PIL out)."""
-    bicubic = transforms.InterpolationMode.BICUBIC
-    return transforms.Compose(
-        [transforms.Resize(resize_size, interpolation=bicubic), transforms.CenterCrop(crop_size)]
-    )
-
-
-def to_normalized_tensor(image: object) -> torch.Tensor:
-    """The numeric half: uint8 HWC pixels (PIL image or array) to a normalised CHW float tensor."""
-    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
 class ToUint8Array:
