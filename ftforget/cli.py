@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from ftforget.backbones import CheckpointError
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
 
@@ -109,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[args[0]][0](args[1:])
+        try:
+            return EXTRA_COMMANDS[args[0]][0](args[1:])
+        except (FileNotFoundError, ValueError, CheckpointError) as err:
+            # Bad input: the message names the option or file; a traceback would only hide it.
+            sys.stderr.write(f"ftforget {args[0]}: error: {err}\n")
+            return 2
     if args and args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in EXTRA_COMMANDS.items())
         sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")

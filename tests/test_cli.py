@@ -218,3 +218,11 @@ def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "trainable parameters" in proc.stdout + proc.stderr
+
+
+def test_extra_commands_report_bad_input_without_a_traceback(tmp_path, capsys):
+    assert (
+        main(["measure", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--imagenet_root", str(tmp_path)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("ftforget measure: error: ") and "nope.ckpt" in err and "Traceback" not in err
