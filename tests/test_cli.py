@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from ftforget.backbones import CheckpointError
+from ftforget.backbones import CheckpointError, build_backbone
 from ftforget.cli import main, run_lightning
 from ftforget.methods import LoRA, warmup_cosine
 
@@ -98,13 +98,19 @@ def test_fit_prints_the_trainable_count(tmp_path, caplog):
 
 
 def test_checkpoint_loads_back_and_test_reproduces_outputs(tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    torch.save(build_backbone("vit_base_patch16_224", **json.loads(TINY12)).state_dict(), weights)
     cli = run_lightning(
-        ["fit", "--config", str(ROOT / "configs/lora.yaml"), *tiny_overrides(tmp_path, steps=3)]
-    )
+        ["fit", "--config", str(ROOT / "configs/lora.yaml"), *tiny_overrides(tmp_path, steps=3),
+         "--model.init_args.checkpoint", str(weights)]
+    )  # fmt: skip
     run_dir = Path(cli.trainer.log_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     trained = cli.model.eval()
+    assert trained.hparams.checkpoint == str(weights)  # the live run keeps its provenance
+    weights.unlink()  # the state dict holds every weight: loading needs neither this file nor a download
     loaded = LoRA.load_from_checkpoint(last).eval()
+    assert (loaded.hparams.checkpoint, loaded.hparams.pretrained) == (None, False)
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(trained(x), loaded(x))
     assert all(

@@ -166,6 +166,13 @@ class FineTuningModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The state dict holds every weight: a checkpoint must load where the pretrained weights file (or
+        # the internet) is not. The original source stays in the run's hparams.yaml and config.yaml.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            checkpoint["hyper_parameters"] = {**hparams, "checkpoint": None, "pretrained": False}
+
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()
         rank_zero_info(
