@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ftforget.forgetting.distributed import autocast_context
+from ftforget.forgetting.evaluate import measurement_mode
 from ftforget.methods.base import FineTuningModule
 
 
@@ -46,19 +48,17 @@ class LinearProbing(FineTuningModule):
             f"LinearProbing: cached {len(labels):,} training features of width {features.shape[1]}"
         )
 
-    @torch.no_grad()
     def extract_features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features of every batch of ``loader``, on the CPU; RNG state and train mode restored."""
-        was_training = self.training
-        self.eval()
+        """Backbone features of every batch of ``loader``, on the CPU.
+
+        Under the forgetting probe's :func:`measurement_mode`, so train flags and random states come back
+        exactly: the fit then draws the same batches as one without the cache.
+        """
         feats, labels = [], []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with measurement_mode(self):
             for batch in loader:
                 x = batch[0].to(self.device, non_blocking=True)
-                with torch.autocast(
-                    self.device.type, enabled=self.device.type == "cuda", dtype=torch.bfloat16
-                ):
+                with autocast_context(self.device, torch.bfloat16):
                     feats.append(self.features(x).float().cpu())
                 labels.append(batch[1].cpu())
-        self.train(was_training)
         return torch.cat(feats), torch.cat(labels)
