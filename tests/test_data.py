@@ -109,3 +109,16 @@ def test_digits_domains_are_disjoint_and_fixed():
     assert index == 3 and image.shape == (3, 32, 32) and 0 <= label < 5
     with pytest.raises(ValueError, match="must not overlap"):
         DigitsDataModule(new_digits=[1, 2], old_digits=[2, 3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"normalization": "imagenet21k"}, "data.normalization='imagenet21k'"),
+        ({"batch_size": 0}, "data.batch_size must be >= 1"),
+        ({"num_workers": -1}, "data.num_workers must be >= 0"),
+    ],
+)
+def test_bad_data_options_are_named(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CIFAR100DataModule(root=str(tmp_path), **kwargs)
