@@ -15,6 +15,7 @@ from typing import Any
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.dino"
 
@@ -233,3 +234,9 @@ def to_hf_vit_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 def feature_dim(model: VisionTransformer) -> int:
     """The width of the backbone feature (the CLS token)."""
     return int(model.num_features)
+
+
+def input_size(model: nn.Module) -> int | None:
+    """The square input side a timm ViT was built for (``patch_embed.img_size``), None if it has none."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return int(size[0]) if size is not None else None

@@ -1,22 +1,18 @@
-"""The ``ftforget`` command line.
+"""The LightningCLI behind ``ftforget fit|validate|test|predict``.
 
-``ftforget fit|validate|test --config configs/<method>.yaml`` is a LightningCLI: every argument of the
-method (``--model``), the data module (``--data``), the trainer (``--trainer``), the checkpointing
+``ftforget fit --config configs/<method>.yaml`` is a LightningCLI: every argument of the method
+(``--model``), the data module (``--data``), the trainer (``--trainer``), the checkpointing
 (``--checkpoint``) can be set from YAML or the command line, and ``--print_config`` shows them all.
-Extra subcommands that are not Lightning stages are dispatched before LightningCLI sees the arguments.
+ftforget's own commands (``measure``, ``report``, ``demo``) live in :mod:`ftforget.commands`.
 """
 
 from __future__ import annotations
-
-import sys
-from collections.abc import Callable
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftforget.backbones import CheckpointError
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
 
@@ -79,49 +75,3 @@ def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
         auto_configure_optimizers=False,
         args=argv,
     )
-
-
-def _measure(argv: list[str]) -> int:
-    from ftforget.forgetting.measure import main as measure_main
-
-    return measure_main(argv)
-
-
-def _report(argv: list[str]) -> int:
-    from ftforget.report import main as report_main
-
-    return report_main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from ftforget.demo import main as demo_main
-
-    return demo_main(argv)
-
-
-EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "measure": (_measure, "k-NN forgetting probe of a pretrained backbone or of any checkpoint"),
-    "report": (_report, "paper-style table (Markdown, CSV) and figures from run directories"),
-    "demo": (_demo, "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ftforget`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
-        try:
-            return EXTRA_COMMANDS[args[0]][0](args[1:])
-        except (FileNotFoundError, ValueError, CheckpointError) as err:
-            # Bad input: the message names the option or file; a traceback would only hide it.
-            sys.stderr.write(f"ftforget {args[0]}: error: {err}\n")
-            return 2
-    if args and args[0] in ("-h", "--help"):
-        extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in EXTRA_COMMANDS.items())
-        sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")
-    run_lightning(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,12 +31,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import ftforget
 from ftforget.backbones import build_backbone, feature_dim
 from ftforget.data.digits import DigitsProbe, ShiftAugment
+from ftforget.forgetting.config import eval_steps_until
 from ftforget.methods.base import warmup_cosine
 
 #: the methods in the paper's order; each is ``configs/demo/<name>.yaml``
 METHODS = ("full", "top1", "linear", "lora", "block_expansion")
-#: the forgetting callback's steps (log-spaced, as the real run's), cut at the run's last step
-LOG_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 @dataclass(frozen=True)
@@ -125,11 +124,6 @@ def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
     return path
 
 
-def eval_steps(steps: int) -> list[int]:
-    """The steps the forgetting callback measures at: log-spaced up to, and including, the last step."""
-    return sorted({s for s in LOG_STEPS if s < steps} | {steps})
-
-
 def fine_tune(method: str, config_dir: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
     """One ``ftforget fit`` of ``method`` then a test of its final weights; returns the run directory."""
     from ftforget.cli import run_lightning
@@ -139,7 +133,7 @@ def fine_tune(method: str, config_dir: Path, checkpoint: Path, args: argparse.Na
         *("--config", str(config_dir / f"{method}.yaml"), "--config", str(config_dir / "common.yaml")),
         *("--model.init_args.checkpoint", str(checkpoint)),
         *("--trainer.max_steps", str(args.steps)),
-        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps(args.steps))}",
+        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(args.steps))}",
         *("--trainer.logger.init_args.save_dir", str(args.output)),
         *("--seed_everything", str(args.seed)),
     ]
@@ -172,63 +166,13 @@ def default_config_dir() -> Path:
     return Path(ftforget.__file__).resolve().parent.parent / "configs" / "demo"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ftforget demo",
-        description="The paper's experiment in miniature on scikit-learn's digits: pretraining, five "
-        "fine-tuning methods, forgetting curves, the table. A few minutes on 2 CPU cores.",
-    )
-    parser.add_argument(
-        "--output", type=Path, default=Path("runs/demo"), help="runs, cache and report (default: runs/demo)"
-    )
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per method (default: 500)")
-    parser.add_argument("--pretrain-steps", type=int, default=1000, help="pretraining steps (default: 1000)")
-    parser.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {','.join(METHODS)} (default: all)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default: 0)"
-    )
-    parser.add_argument(
-        "--config-dir", type=Path, default=None, help="the demo YAMLs (default: the clone's configs/demo)"
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="pretrained backbones (default: OUTPUT/pretrained)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default: 1, robust on a busy machine)"
-    )
-    return parser
-
-
 def _say(message: str) -> None:
     sys.stdout.write(f"[ftforget demo] {message}\n")
     sys.stdout.flush()
 
 
-def main(argv: list[str]) -> int:
-    """Runs ``ftforget demo``; returns the exit status."""
-    args = _parser().parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    config_dir = args.config_dir or default_config_dir()
-    unknown = [m for m in methods if not (config_dir / f"{m}.yaml").is_file()]
-    if unknown or not methods or args.steps < 1 or args.pretrain_steps < 1:
-        sys.stderr.write(
-            f"ftforget demo: need --steps >= 1, --pretrain-steps >= 1 and methods with a config in "
-            f"{config_dir} (got --methods {args.methods!r}; no config for {unknown})\n"
-        )
-        return 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args, methods, config_dir)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in a process that goes on (tests)
-
-
-def _run(args: argparse.Namespace, methods: list[str], config_dir: Path) -> int:
+def run_demo(args: argparse.Namespace, methods: list[str], config_dir: Path) -> int:
+    """Pretrains (or reuses) the backbone, fine-tunes every method, writes and prints the report."""
     start = time.perf_counter()
     cache_dir = args.cache_dir or args.output / "pretrained"
     checkpoint = pretrained_backbone(pretrain_settings(config_dir, args), cache_dir)

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ftforget.data.probe import IndexedDataset, ProbeData
+from ftforget.forgetting.config import KNNConfig
 from ftforget.methods import FullFineTuning
 
 TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
@@ -197,7 +198,7 @@ def fit_and_die(root: str, steps: list[int], kill_at: int) -> None:
 
     torch.set_num_threads(1)
     L.seed_everything(0)
-    callback = ForgettingCallback(eval_at_steps=steps, k=5, batch_size=16, num_workers=0)
+    callback = ForgettingCallback(eval_at_steps=steps, knn=KNNConfig(k=5, batch_size=16, num_workers=0))
     ckpt = ModelCheckpoint(
         dirpath=os.path.join(root, "ckpt"), every_n_train_steps=2, save_last=True, save_top_k=-1
     )
@@ -210,7 +211,7 @@ def knn_worker(rank: int, world: int, port: int, out_dir: str, configs: list[dic
     import torch.distributed as dist
 
     from ftforget.backbones import build_backbone
-    from ftforget.forgetting import KNNConfig, evaluate_probe
+    from ftforget.forgetting import evaluate_probe
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

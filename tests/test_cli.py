@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from ftforget.backbones import CheckpointError, build_backbone
-from ftforget.cli import main, run_lightning
+from ftforget.cli import run_lightning
+from ftforget.commands import main
 from ftforget.methods import LoRA, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_forgetting_addon_parses_with_a_method_config(capsys):
     assert printed["data"]["init_args"]["probe"]["class_path"] == "ftforget.data.imagenet.ImageNetProbe"
     [callback] = printed["trainer"]["callbacks"]
     assert callback["class_path"] == "ftforget.forgetting.ForgettingCallback"
-    assert callback["init_args"]["k"] == [20, 10, 100, 200]
+    assert callback["init_args"]["knn"]["k"] == [20, 10, 100, 200]
 
 
 @pytest.mark.slow
@@ -203,7 +204,7 @@ def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "ftforget.cli",
+        "ftforget",
         "fit",
         "--config",
         str(ROOT / "configs/block_expansion.yaml"),
@@ -227,8 +228,6 @@ def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
 
 
 def test_extra_commands_report_bad_input_without_a_traceback(tmp_path, capsys):
-    assert (
-        main(["measure", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--imagenet_root", str(tmp_path)]) == 2
-    )
+    assert main(["measure", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--probe.root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ftforget measure: error: ") and "nope.ckpt" in err and "Traceback" not in err

@@ -12,7 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ftforget import demo
 from ftforget.backbones import build_backbone
-from ftforget.cli import main as cli_main
+from ftforget.commands import demo as demo_command
+from ftforget.commands import main as cli_main
+from ftforget.forgetting.config import eval_steps_until
 from ftforget.report import read_csv
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -25,9 +27,9 @@ def tiny_settings(**changes: object) -> demo.PretrainSettings:
 
 
 def test_eval_steps_are_log_spaced_and_end_at_the_last_step() -> None:
-    assert demo.eval_steps(300) == [0, 1, 2, 5, 10, 20, 50, 100, 200, 300]
-    assert demo.eval_steps(12) == [0, 1, 2, 5, 10, 12]
-    assert demo.eval_steps(1) == [0, 1]
+    assert eval_steps_until(300) == [0, 1, 2, 5, 10, 20, 50, 100, 200, 300]
+    assert eval_steps_until(12) == [0, 1, 2, 5, 10, 12]
+    assert eval_steps_until(1) == [0, 1]
 
 
 @pytest.mark.parametrize("method", demo.METHODS)
@@ -56,11 +58,11 @@ def test_every_demo_config_parses_with_the_shared_one(
     (callback,) = config["trainer"]["callbacks"]
     assert callback["class_path"] == "ftforget.forgetting.ForgettingCallback"
     # The YAML's measurement steps are the ones the demo computes for the YAML's step count.
-    assert callback["init_args"]["eval_at_steps"] == demo.eval_steps(config["trainer"]["max_steps"])
+    assert callback["init_args"]["eval_at_steps"] == eval_steps_until(config["trainer"]["max_steps"])
 
 
 def test_pretrain_settings_come_from_the_shared_config() -> None:
-    args = demo._parser().parse_args(["--pretrain-steps", "7", "--seed", "3"])
+    args = demo_command._parser().parse_args(["--pretrain-steps", "7", "--seed", "3"])
     settings = demo.pretrain_settings(CONFIG_DIR, args)
     common = yaml.safe_load((CONFIG_DIR / "common.yaml").read_text())
     assert settings.backbone_kwargs == common["model"]["init_args"]["backbone_kwargs"]
@@ -98,7 +100,7 @@ def test_pretraining_is_deterministic_and_trains() -> None:
 
 
 def test_unknown_method_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(["--output", str(tmp_path), "--methods", "full,dino"]) == 2
+    assert demo_command.main(["--output", str(tmp_path), "--methods", "full,dino"]) == 2
     assert "no config for ['dino']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -113,7 +115,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     argv = ["--output", str(out), "--steps", "3", "--pretrain-steps", "5", "--methods", "full,linear,lora"]
-    assert demo.main(argv) == 0
+    assert demo_command.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| full fine-tuning |" in printed and "| LoRA r=4 |" in printed
     for name in (
@@ -137,5 +139,5 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert float(rows["linear probe"]["drop_abs"]) == 0.0
     assert len({row["probe_acc_step0"] for row in rows.values()}) == 1
     # A second demo reuses the cached backbone.
-    assert demo.main([*argv[:-1], "linear"]) == 0
+    assert demo_command.main([*argv[:-1], "linear"]) == 0
     assert "pretrained backbone: reusing" in capsys.readouterr().out

@@ -12,7 +12,8 @@ import torch.multiprocessing as tmp
 from lightning.pytorch.strategies import DDPStrategy
 
 from ftforget.forgetting import ForgettingCallback
-from ftforget.forgetting.distributed import shard_range
+from ftforget.forgetting.collectives import shard_range
+from ftforget.forgetting.config import KNNConfig
 from ftforget.methods import LinearProbing
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,7 +70,7 @@ def test_two_processes_equal_one_process_and_count_each_sample_once(tmp_path: Pa
 def _ddp_fit(root: Path, devices: int) -> list[dict]:
     L.seed_everything(0)
     callback = ForgettingCallback(
-        eval_at_steps=[1, 3], k=[5, 1], batch_size=4, num_workers=0, reuse_unchanged=False
+        eval_at_steps=[1, 3], knn=KNNConfig(k=[5, 1], batch_size=4, num_workers=0), reuse_unchanged=False
     )
     worker_context()
     strategy = DDPStrategy(start_method="forkserver") if devices > 1 else "auto"

@@ -15,18 +15,15 @@ from PIL import Image
 from torchvision import transforms
 
 from ftforget.backbones import build_backbone
-from ftforget.data.imagenet import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageNetProbe,
-    UnreadableImageError,
-    eval_transform,
-)
-from ftforget.forgetting import KNNConfig, evaluate_probe, measurement_mode
-from ftforget.forgetting.distributed import extract_features
-from ftforget.forgetting.measure import load_method
-from ftforget.forgetting.measure import main as measure_main
+from ftforget.commands.measure import main as measure_main
+from ftforget.data.image_folders import UnreadableImageError
+from ftforget.data.imagenet import ImageNetProbe
+from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ftforget.forgetting import KNNConfig, evaluate_probe
+from ftforget.forgetting.features import extract_features
+from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods import FullFineTuning, LoRA
+from ftforget.methods.registry import load_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forgetting_helpers import TINY_KWARGS, TinyData, make_trainer  # noqa: E402
@@ -215,7 +212,7 @@ def test_unreadable_image_names_the_file_when_loaded(tmp_path: Path) -> None:
         ({}, "give root, or both train_dir and val_dir"),
         ({"root": "x", "bank_per_class": 0}, "bank_per_class must be >= 1"),
         ({"root": "x", "queries_per_class": -1}, "queries_per_class must be >= 1"),
-        ({"root": "x", "crop_size": 300}, "crop_size <= resize_size"),
+        ({"root": "x", "crop_size": 300, "resize_size": 256}, "crop_size <= resize_size"),
     ],
 )
 def test_bad_options_are_named(kwargs: dict, message: str) -> None:
@@ -227,7 +224,16 @@ def test_bad_options_are_named(kwargs: dict, message: str) -> None:
 def _measure(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "out.json"
     root = tmp_path / "imagenet"
-    common = ["--imagenet_root", str(root), "--k", "1", "3", "--batch_size", "4", "--num_workers", "0"]
+    common = [
+        "--probe.root",
+        str(root),
+        "--knn.k",
+        "[1, 3]",
+        "--knn.batch_size",
+        "4",
+        "--knn.num_workers",
+        "0",
+    ]
     assert measure_main([*args, *common, "--output", str(out)]) == 0
     return json.loads(out.read_text())
 
@@ -255,10 +261,7 @@ def test_measure_a_backbone_checkpoint(tmp_path: Path) -> None:
         "--backbone_kwargs", json.dumps(TINY_KWARGS),
     )  # fmt: skip
     assert report["num_queries"] == 6 and report["num_bank"] == 12 and report["probe"] == "imagenet1k"
-    wrapped = torch.nn.Module()
-    wrapped.backbone = backbone
-    wrapped.features = backbone  # type: ignore[assignment]
-    assert _as_table(report) == _direct(wrapped, tmp_path / "imagenet")
+    assert _as_table(report) == _direct(BackboneModel(backbone), tmp_path / "imagenet")
 
 
 @pytest.mark.parametrize("cls", [FullFineTuning, LoRA])
@@ -284,11 +287,11 @@ def test_measure_a_method_checkpoint_equals_the_live_model(tmp_path: Path, cls: 
 
 def test_measure_argument_errors(tmp_path: Path) -> None:
     make_tree(tmp_path / "imagenet")
-    with pytest.raises(SystemExit):
-        measure_main(["--imagenet_root", str(tmp_path / "imagenet")])  # neither source
-    with pytest.raises(SystemExit):
-        measure_main(["--ckpt_path", "a.ckpt", "--backbone", "vit_base_patch16_224", "--imagenet_root", "x"])
-    with pytest.raises(FileNotFoundError, match="--ckpt_path '.*missing.ckpt' does not exist"):
+    with pytest.raises(ValueError, match="exactly one of --ckpt_path and --backbone"):
+        measure_main(["--probe.root", str(tmp_path / "imagenet")])  # neither source
+    with pytest.raises(ValueError, match="exactly one of --ckpt_path and --backbone"):
+        measure_main(["--ckpt_path", "a.ckpt", "--backbone", "vit_base_patch16_224", "--probe.root", "x"])
+    with pytest.raises(FileNotFoundError, match="checkpoint '.*missing.ckpt' does not exist"):
         measure_main(
-            ["--ckpt_path", str(tmp_path / "missing.ckpt"), "--imagenet_root", str(tmp_path / "imagenet")]
+            ["--ckpt_path", str(tmp_path / "missing.ckpt"), "--probe.root", str(tmp_path / "imagenet")]
         )

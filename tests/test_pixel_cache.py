@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ftforget.data.pixel_cache import PixelCacheDataset
-from ftforget.forgetting import KNNConfig, evaluate_probe, measurement_mode
+from ftforget.forgetting import KNNConfig, evaluate_probe
+from ftforget.inference import measurement_mode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forgetting_helpers import tiny_model  # noqa: E402

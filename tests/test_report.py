@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ftforget.cli import main as cli_main
+from ftforget.commands import main as cli_main
 from ftforget.report import build_table, load_run, load_runs, plot_forgetting_curves, read_csv, write_report
 
 # Not representable in float32: the event file holds a rounded value, and the report must show that one.

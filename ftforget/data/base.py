@@ -6,7 +6,7 @@ from abc import abstractmethod
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ftforget.data.probe import ProbeData
 
@@ -35,17 +35,16 @@ class FineTuneDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.probe = probe
         self._datasets: dict[str, Dataset] = {}
-        self._cached_train: Dataset | None = None
+        self._train_override: tuple[Dataset, bool] | None = None
 
     @abstractmethod
     def build_datasets(self) -> dict[str, Dataset]:
         """The ``train``, ``val`` and ``test`` datasets; items are ``(image, label)``."""
 
     def setup(self, stage: str | None = None) -> None:
+        # The probe is set up by whoever measures it (the forgetting callback), once it knows the model.
         if not self._datasets:
             self._datasets = self.build_datasets()
-        if self.probe is not None:
-            self.probe.setup()
 
     def dataset(self, split: str) -> Dataset:
         """One split, after :meth:`setup`."""
@@ -73,17 +72,25 @@ class FineTuneDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def use_cached_train_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """From now on the train loader yields ``(feature, label)`` batches of these tensors (linear probe)."""
-        if len(features) != len(labels):
-            raise ValueError(f"{len(features)} cached features but {len(labels)} labels")
-        self._cached_train = TensorDataset(features, labels)
+    def replace_train_dataset(self, dataset: Dataset, in_memory: bool = False) -> None:
+        """From now on the train loader yields batches of ``dataset`` instead of the built training set.
+
+        Args:
+            dataset: items ``(input, label)``; shuffled and batched as the training set.
+            in_memory: the items are ready tensors: load them in this process (worker processes would
+                only add start-up cost).
+        """
+        self._train_override = (dataset, in_memory)
 
     def train_dataloader(self) -> DataLoader:
-        if self._cached_train is not None:
-            # Features live in memory: worker processes would only add start-up cost.
+        if self._train_override is not None:
+            dataset, in_memory = self._train_override
             return DataLoader(
-                self._cached_train, batch_size=self.per_device_batch_size(), shuffle=True, drop_last=True
+                dataset,
+                batch_size=self.per_device_batch_size(),
+                shuffle=True,
+                drop_last=True,
+                num_workers=0 if in_memory else self.num_workers,
             )
         return self.loader("train", shuffle=True)
 

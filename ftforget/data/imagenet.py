@@ -14,18 +14,21 @@ unreadable image is reported, by file name, when it is loaded.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
-import random
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ftforget.data.image_folders import (
+    ImageListDataset,
+    list_images,
+    scan_class_tree,
+    scan_flat_val,
+    subset_per_class,
+)
 from ftforget.data.pixel_cache import (
     PixelCacheDataset,
     ToUint8Array,
@@ -36,131 +39,6 @@ from ftforget.data.probe import IndexedDataset, ProbeData
 from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_transform, eval_transform
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-_CSV_HEADER = ["ImageId", "PredictionString"]
-
-
-class UnreadableImageError(RuntimeError):
-    """An image file could not be decoded; the message names the file."""
-
-
-class ImageListDataset(Dataset):
-    """``(image, label)`` items from a list of ``(path, label)``; decode errors name the file."""
-
-    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise UnreadableImageError(f"cannot read image file {path!r}: {err}") from err
-        return self.transform(image), label
-
-
-def _list_images(directory: Path) -> list[str]:
-    """Sorted image file names directly inside ``directory`` (hidden files skipped)."""
-    with os.scandir(directory) as entries:  # DirEntry.is_file() needs no stat call on most file systems
-        return sorted(
-            e.name
-            for e in entries
-            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-
-
-def scan_class_tree(directory: Path, what: str) -> dict[str, list[str]]:
-    """``wnid -> sorted image paths`` of a ``<dir>/<wnid>/*`` tree.
-
-    Raises:
-        FileNotFoundError: the directory is missing.
-        ValueError: it has no class sub-directories, or a class directory holds no image.
-    """
-    if not directory.is_dir():
-        raise FileNotFoundError(f"ImageNet probe: {what} directory {str(directory)!r} does not exist")
-    with os.scandir(directory) as entries:
-        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ValueError(
-            f"ImageNet probe: {what} directory {str(directory)!r} has no class sub-directories "
-            f"(expected {str(directory)!r}/<wnid>/*.JPEG)"
-        )
-    tree: dict[str, list[str]] = {}
-    for wnid in classes:
-        names = _list_images(directory / wnid)
-        if not names:
-            raise ValueError(
-                f"ImageNet probe: {what} class directory {str(directory / wnid)!r} contains no images"
-            )
-        tree[wnid] = [str(directory / wnid / n) for n in names]
-    return tree
-
-
-def read_val_labels(csv_path: Path) -> dict[str, str]:
-    """``image id -> wnid`` from a ``LOC_val_solution.csv``-style file; errors name the file (and line)."""
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"ImageNet probe: val_labels file {str(csv_path)!r} does not exist")
-    labels: dict[str, str] = {}
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != _CSV_HEADER:
-            raise ValueError(
-                f"ImageNet probe: val_labels file {str(csv_path)!r} must start with the header "
-                f"'ImageId,PredictionString' (LOC_val_solution.csv format), got {header!r}"
-            )
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            words = row[1].split() if len(row) >= 2 else []
-            if not row[0].strip() or not words:
-                raise ValueError(
-                    f"ImageNet probe: val_labels file {str(csv_path)!r} line {line_no} is malformed: {row!r}"
-                )
-            labels[row[0].strip()] = words[0]
-    if not labels:
-        raise ValueError(f"ImageNet probe: val_labels file {str(csv_path)!r} has no rows")
-    return labels
-
-
-def scan_flat_val(val_dir: Path, csv_path: Path) -> dict[str, list[str]]:
-    """``wnid -> sorted image paths`` of a flat val folder labelled by a CSV file."""
-    if not val_dir.is_dir():
-        raise FileNotFoundError(f"ImageNet probe: val directory {str(val_dir)!r} does not exist")
-    labels = read_val_labels(csv_path)
-    files = {Path(name).stem: name for name in _list_images(val_dir)}
-    missing = sorted(set(labels) - set(files))
-    if missing:
-        raise ValueError(
-            f"ImageNet probe: {len(missing)} images listed in {str(csv_path)!r} are not in {str(val_dir)!r}, "
-            f"e.g. {missing[:5]}"
-        )
-    unlabelled = len(set(files) - set(labels))
-    if unlabelled:
-        log.warning(
-            "ImageNet probe: %d images in %s have no label in %s; ignored", unlabelled, val_dir, csv_path
-        )
-    tree: dict[str, list[str]] = {}
-    for image_id in sorted(labels):
-        tree.setdefault(labels[image_id], []).append(str(val_dir / files[image_id]))
-    return tree
-
-
-def subset_per_class(tree: dict[str, list[str]], n: int | None, seed: int) -> dict[str, list[str]]:
-    """At most ``n`` images per class, drawn with a per-class seed so a class's pick never depends on others."""
-    if n is None:
-        return tree
-    # A str seed is hashed with SHA-512 by ``random``: the pick is the same in every process and run.
-    return {
-        wnid: sorted(random.Random(f"{seed}:{wnid}").sample(paths, min(n, len(paths))))
-        for wnid, paths in tree.items()
-    }
 
 
 class ImageNetProbe(ProbeData):
@@ -174,8 +52,8 @@ class ImageNetProbe(ProbeData):
         bank_per_class: bank = this many train images per class (fixed-seed subset); None: all of train.
         queries_per_class: queries = this many val images per class (quick curves); None: all of val.
         seed: seed of both subsets.
-        resize_size: shorter side after the bicubic resize.
-        crop_size: center crop (the model's input size).
+        resize_size: shorter side after the bicubic resize (None: ``crop_size * 256 / 224``, DINO's ratio).
+        crop_size: center crop (None: the input size of the measured model, else 224).
         pixel_cache_dir: keep the center-cropped uint8 pixels of bank and queries in memory-mapped files
             here (built on first use: ~150 KB per image at 224 px), so later measurements decode no JPEG.
     """
@@ -191,8 +69,8 @@ class ImageNetProbe(ProbeData):
         bank_per_class: int | None = None,
         queries_per_class: int | None = None,
         seed: int = 0,
-        resize_size: int = 256,
-        crop_size: int = 224,
+        resize_size: int | None = None,
+        crop_size: int | None = None,
         pixel_cache_dir: str | None = None,
     ) -> None:
         if root is None and (train_dir is None or val_dir is None):
@@ -200,22 +78,36 @@ class ImageNetProbe(ProbeData):
         for option, value in (("bank_per_class", bank_per_class), ("queries_per_class", queries_per_class)):
             if value is not None and value < 1:
                 raise ValueError(f"ImageNet probe: {option} must be >= 1 or None, got {value}")
-        if not 0 < crop_size <= resize_size:
-            raise ValueError(
-                f"ImageNet probe: need 0 < crop_size <= resize_size, got {crop_size} and {resize_size}"
-            )
         self.root = Path(root).expanduser() if root is not None else None
         self.train_dir = Path(train_dir).expanduser() if train_dir else self.root / "train"  # type: ignore[operator]
         self.val_dir = Path(val_dir).expanduser() if val_dir else self.root / "val"  # type: ignore[operator]
         self.val_labels = Path(val_labels).expanduser() if val_labels else None
         self.bank_per_class, self.queries_per_class, self.seed = bank_per_class, queries_per_class, seed
-        self.resize_size, self.crop_size = resize_size, crop_size
-        self.transform = eval_transform(resize_size, crop_size)
+        self._sizes = (resize_size, crop_size)
+        self.resize_size, self.crop_size = self._resolve_sizes(None)
         self.pixel_cache_dir = Path(pixel_cache_dir).expanduser() if pixel_cache_dir else None
         self.classes: list[str] = []
         self._bank: list[tuple[str, int]] = []
         self._queries: list[tuple[str, int]] = []
         self._cache_key = ""
+
+    def _resolve_sizes(self, model_size: int | None) -> tuple[int, int]:
+        resize, crop = self._sizes
+        crop = crop or model_size or 224
+        resize = resize or round(crop * 256 / 224)
+        if not 0 < crop <= resize:
+            raise ValueError(f"ImageNet probe: need 0 < crop_size <= resize_size, got {crop} and {resize}")
+        return resize, crop
+
+    @property
+    def transform(self) -> transforms.Compose:
+        return eval_transform(self.resize_size, self.crop_size)
+
+    def match_input_size(self, size: int) -> None:
+        """The crop follows the model's input size unless ``crop_size`` was given."""
+        if self.classes and (self.resize_size, self.crop_size) != self._resolve_sizes(size):
+            raise RuntimeError("ImageNetProbe.match_input_size must be called before setup()")
+        self.resize_size, self.crop_size = self._resolve_sizes(size)
 
     @property
     def num_classes(self) -> int:
@@ -231,7 +123,7 @@ class ImageNetProbe(ProbeData):
         train = scan_class_tree(self.train_dir, "train")
         if self.val_labels is not None:
             val = scan_flat_val(self.val_dir, self.val_labels)
-        elif self.val_dir.is_dir() and _list_images(self.val_dir):
+        elif self.val_dir.is_dir() and list_images(self.val_dir):
             raise ValueError(
                 f"ImageNet probe: val directory {str(self.val_dir)!r} holds images directly (the official flat "
                 "layout); pass val_labels (LOC_val_solution.csv) or arrange it as val/<wnid>/*.JPEG"

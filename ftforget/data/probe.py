@@ -54,6 +54,10 @@ class ProbeData(ABC):
     def query_dataset(self) -> Dataset:
         """The labelled queries (ImageNet-1k: the val images, or a subset)."""
 
+    def match_input_size(self, size: int) -> None:
+        """Told the model's input side before :meth:`setup`; a probe whose image size is unset adopts it."""
+        del size  # fixed-size probes ignore it
+
     def cache_key(self) -> str:
         """Identifies the probe's data and transform for on-disk feature caches (override to enable caching)."""
         return ""

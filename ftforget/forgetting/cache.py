@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ftforget.forgetting.distributed import ShardFeatures
+from ftforget.forgetting.features import ShardFeatures
+from ftforget.inference import require_probed
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,13 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def feature_fingerprint(pl_module: nn.Module) -> str:
-    """Fingerprint of every weight the probe feature ``pl_module.features`` depends on.
+def feature_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of every weight the probe feature ``model.features`` depends on.
 
-    For the ftforget methods the feature is the backbone's output, so only the backbone is hashed (a linear
-    probe's changing head must not defeat the reuse). A module that overrides ``features``, or has no
-    ``backbone``, is hashed whole: a cache miss is cheap, a wrong hit is not.
+    The model declares those weights as its ``feature_module`` (:class:`ftforget.inference.ProbedModel`):
+    for the ftforget methods the backbone, so that a linear probe's changing head does not defeat reuse.
     """
-    from ftforget.methods.base import FineTuningModule  # here: the k-NN itself must not need Lightning
-
-    backbone = getattr(pl_module, "backbone", None)
-    own_features = isinstance(pl_module, FineTuningModule) and (
-        type(pl_module).features is FineTuningModule.features
-    )
-    if own_features and isinstance(backbone, nn.Module):
-        return state_fingerprint(backbone)
-    return state_fingerprint(pl_module)
+    return state_fingerprint(require_probed(model, "the feature fingerprint").feature_module)
 
 
 def cache_key(probe_key: str, fingerprint: str, settings: dict[str, object]) -> str:

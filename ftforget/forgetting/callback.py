@@ -3,7 +3,7 @@
 Step ``s`` is measured once ``s`` optimizer steps have been taken: step 0 before the first batch, later
 steps right after their optimizer step (before that step's checkpoint is written, so the checkpoint
 already holds the measurement). A measurement leaves no trace on training: eval mode, ``no_grad``, then
-the exact prior train flags and random states (:func:`~ftforget.forgetting.evaluate.measurement_mode`).
+the exact prior train flags and random states (:func:`~ftforget.inference.measurement_mode`).
 """
 
 from __future__ import annotations
@@ -19,19 +19,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ftforget.backbones import input_size
 from ftforget.data.probe import ProbeData
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
-from ftforget.forgetting.distributed import all_ranks_agree, all_reduce_sum, autocast_context, sharded_loader
-from ftforget.forgetting.evaluate import (
-    KNNConfig,
-    evaluate_probe,
-    measurement_mode,
-    parse_dtype,
-)
-from ftforget.forgetting.knn import DEFAULT_K, DEFAULT_TEMPERATURE
-
-#: log-spaced: forgetting is fastest in the first steps
-DEFAULT_EVAL_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+from ftforget.forgetting.collectives import all_ranks_agree, all_reduce_sum
+from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, to_dtype
+from ftforget.forgetting.evaluate import evaluate_probe
+from ftforget.forgetting.features import sharded_loader
+from ftforget.inference import autocast_context, measurement_mode, require_probed
 
 
 class ForgettingCallback(L.Callback):
@@ -46,19 +41,13 @@ class ForgettingCallback(L.Callback):
             as the reference of the drops.
         every_n_steps: also measure every this many steps.
         probe: the probe; None takes ``trainer.datamodule.probe``.
-        k: neighbour count(s); the first is the headline one.
-        temperature: DINO's T.
-        batch_size: images per forward pass and rank while extracting features.
-        num_workers: data-loading workers per rank for the probe.
-        bank_dtype: feature storage, ``float32``, ``float16`` or ``bfloat16``.
-        autocast_dtype: autocast dtype on CUDA (None: fp32).
+        knn: the k-NN and extraction settings (:class:`~ftforget.forgetting.config.KNNConfig`, the same
+            object ``ftforget measure`` takes); None: its defaults.
         new_task_val: also measure top-1 on ``trainer.datamodule.val_dataloader()`` at the same steps.
         cache_dir: on-disk cache of features keyed by the feature weights' hash and the probe
             (``probe.cache_key()``); reuses e.g. the pretrained backbone's step-0 features across runs.
         reuse_unchanged: when the feature weights are bit-identical to the last measurement's (a linear
             probe's backbone), reuse its k-NN result instead of recomputing it.
-        query_chunk: queries per similarity block.
-        bank_chunk: bank rows per similarity block.
         filename: name of the measurement file in the run directory.
     """
 
@@ -67,17 +56,10 @@ class ForgettingCallback(L.Callback):
         eval_at_steps: list[int] | None = None,
         every_n_steps: int | None = None,
         probe: ProbeData | None = None,
-        k: int | list[int] = DEFAULT_K,
-        temperature: float = DEFAULT_TEMPERATURE,
-        batch_size: int = 256,
-        num_workers: int = 4,
-        bank_dtype: str = "float32",
-        autocast_dtype: str | None = "bfloat16",
+        knn: KNNConfig | None = None,
         new_task_val: bool = True,
         cache_dir: str | None = None,
         reuse_unchanged: bool = True,
-        query_chunk: int = 1024,
-        bank_chunk: int = 65536,
         filename: str = "forgetting.jsonl",
     ) -> None:
         steps = list(DEFAULT_EVAL_STEPS if eval_at_steps is None else eval_at_steps)
@@ -88,16 +70,7 @@ class ForgettingCallback(L.Callback):
         self.eval_at_steps = sorted({0, *steps})
         self.every_n_steps = every_n_steps
         self.probe = probe
-        self.config = KNNConfig(
-            k=[k] if isinstance(k, int) else list(k),
-            temperature=temperature,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            bank_dtype=bank_dtype,
-            autocast_dtype=autocast_dtype,
-            query_chunk=query_chunk,
-            bank_chunk=bank_chunk,
-        )
+        self.config = knn if knn is not None else KNNConfig()
         self.new_task_val = new_task_val
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.reuse_unchanged = reuse_unchanged
@@ -145,11 +118,14 @@ class ForgettingCallback(L.Callback):
             )
         if not isinstance(probe, ProbeData):
             raise TypeError(f"ForgettingCallback: probe must be a ProbeData, got {type(probe).__name__}")
+        size = input_size(require_probed(pl_module, "ForgettingCallback").feature_module)
+        if size is not None:
+            probe.match_input_size(size)
         probe.setup()
         n_bank = len(probe.bank_dataset())  # type: ignore[arg-type]
-        if max(self.config.k) > n_bank:
+        if max(self.config.ks) > n_bank:
             raise ValueError(
-                f"ForgettingCallback: k={max(self.config.k)} exceeds the probe's bank size {n_bank}"
+                f"ForgettingCallback: knn.k={max(self.config.ks)} exceeds the probe's bank size {n_bank}"
             )
         if self.new_task_val and (
             trainer.datamodule is None or not is_overridden("val_dataloader", trainer.datamodule)
@@ -244,7 +220,7 @@ class ForgettingCallback(L.Callback):
         correct, total = 0, 0
         for batch in sharded:
             x, y = batch[0].to(device), batch[1].to(device)
-            with autocast_context(device, parse_dtype(self.config.autocast_dtype, "autocast_dtype")):
+            with autocast_context(device, to_dtype(self.config.autocast_dtype)):
                 logits = pl_module(x)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += len(y)
@@ -257,7 +233,7 @@ class ForgettingCallback(L.Callback):
         if step == 0:
             self.baseline = {int(k): float(v) for k, v in result["top1"].items()}
         rows = []
-        for k in self.config.k:
+        for k in self.config.ks:
             top1 = float(result["top1"][k])
             base = self.baseline.get(k)
             drop = None if base is None else base - top1

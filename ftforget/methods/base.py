@@ -6,10 +6,12 @@ trains (``set_trainable``); loop, loss, metrics, optimiser and schedule live her
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -19,6 +21,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim
+
+#: the checkpoint entry naming the method class (a key of ``ftforget.methods.registry.METHODS``)
+METHOD_KEY = "ftforget_method"
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -55,6 +60,9 @@ class FineTuningModule(L.LightningModule):
         compile: run the backbone through ``torch.compile`` (first steps are slow while it compiles;
             parameters and checkpoints are unchanged).
     """
+
+    #: how tables and figures name the method; ``{arg}`` fields are filled from its init arguments
+    table_label: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -94,6 +102,21 @@ class FineTuningModule(L.LightningModule):
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
+    @classmethod
+    def describe(cls, init_args: dict[str, Any]) -> str:
+        """The method's name in a table, e.g. ``LoRA r=4``, from its init arguments (defaults filled in)."""
+        defaults = {
+            name: p.default
+            for c in cls.__mro__
+            if "__init__" in vars(c)
+            for name, p in inspect.signature(c.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        try:
+            return (cls.table_label or cls.__name__).format(**{**defaults, **init_args})
+        except (KeyError, IndexError):
+            return cls.__name__
+
     # ----------------------------------------------------------------------------------- trainability
     def set_trainable(self, modules: Iterable[nn.Module | nn.Parameter]) -> None:
         """Freezes every parameter, then unfreezes exactly those of ``modules`` (selected by identity)."""
@@ -106,6 +129,19 @@ class FineTuningModule(L.LightningModule):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
+
+    # ------------------------------------------------- what the probe measures (ftforget.inference)
+    @property
+    def feature_module(self) -> nn.Module:
+        """The weights :meth:`features` depends on: the backbone (a changing head leaves features alone).
+
+        A subclass whose :meth:`features` reads other modules must return a module holding all of them.
+        """
+        return self.backbone
+
+    def inference_context(self) -> AbstractContextManager:
+        """How :meth:`features` runs for inference (the probe, ``ftforget measure``): as it is here."""
+        return nullcontext()
 
     # ---------------------------------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +203,8 @@ class FineTuningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The registered method name: what ftforget.methods.registry rebuilds the checkpoint as.
+        checkpoint[METHOD_KEY] = type(self).__name__
         # The state dict holds every weight: a checkpoint must load where the pretrained weights file (or
         # the internet) is not. The original source stays in the run's hparams.yaml and config.yaml.
         hparams = checkpoint.get("hyper_parameters")

@@ -21,6 +21,14 @@ class BlockExpansion(FineTuningModule):
         **kwargs: the arguments of :class:`FineTuningModule`. The final norm stays frozen.
     """
 
+    table_label = "Block Expansion p={p}"
+
+    @classmethod
+    def describe(cls, init_args: dict[str, Any]) -> str:
+        if init_args.get("p") is None and init_args.get("positions") is not None:
+            return f"Block Expansion after blocks {init_args['positions']}"
+        return super().describe(init_args)
+
     def __init__(self, p: int | None = None, positions: list[int] | None = None, **kwargs: Any) -> None:
         if (p is None) == (positions is None):
             raise ValueError(

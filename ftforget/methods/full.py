@@ -10,6 +10,8 @@ from ftforget.methods.base import FineTuningModule
 class FullFineTuning(FineTuningModule):
     """Full fine-tuning. Takes every argument of :class:`FineTuningModule`."""
 
+    table_label = "full fine-tuning"
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.set_trainable([self.backbone, self.head])

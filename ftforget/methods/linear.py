@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ftforget.forgetting.distributed import autocast_context
-from ftforget.forgetting.evaluate import measurement_mode
+from ftforget.inference import iterate_features, measurement_mode
 from ftforget.methods.base import FineTuningModule
+
+
+@runtime_checkable
+class ReplaceableTrainSet(Protocol):
+    """The data-module side of the feature cache: hand out the training loader unshuffled, and train on
+    another dataset from now on. ftforget's data modules implement it without knowing why."""
+
+    def loader(self, split: str, shuffle: bool) -> DataLoader: ...
+
+    def replace_train_dataset(self, dataset: Dataset, in_memory: bool = False) -> None: ...
 
 
 class LinearProbing(FineTuningModule):
@@ -24,41 +33,45 @@ class LinearProbing(FineTuningModule):
         **kwargs: the arguments of :class:`FineTuningModule`.
     """
 
+    table_label = "linear probe"
+
     def __init__(self, cache_features: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.set_trainable([self.head])
+        self._training_on_features = False
 
     def training_logits(self, x: torch.Tensor) -> torch.Tensor:
-        # A 2-d batch is a batch of cached features, an image batch is 4-d.
-        return self.head(x) if x.ndim == 2 else self(x)
+        # After the handshake in on_fit_start the training batches are features, not images.
+        return self.head(x) if self._training_on_features else self(x)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self._training_on_features = False
         if not self.hparams.cache_features:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "use_cached_train_features"):
+        if not isinstance(datamodule, ReplaceableTrainSet):
             raise ValueError(
-                "model.cache_features=true needs a data module with use_cached_train_features "
-                f"(ftforget's data modules have it), got {type(datamodule).__name__}"
+                "model.cache_features=true needs a data module with loader(split, shuffle) and "
+                f"replace_train_dataset(dataset) (ftforget's data modules have them), got {type(datamodule).__name__}"
             )
         features, labels = self.extract_features(datamodule.loader("train", shuffle=False))
-        datamodule.use_cached_train_features(features, labels)
+        datamodule.replace_train_dataset(TensorDataset(features, labels), in_memory=True)
+        self._training_on_features = True
         rank_zero_info(
             f"LinearProbing: cached {len(labels):,} training features of width {features.shape[1]}"
         )
 
     def extract_features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features of every batch of ``loader``, on the CPU.
+        """Backbone features of every batch of ``loader``, on the CPU, in the trainer's precision.
 
-        Under the forgetting probe's :func:`measurement_mode`, so train flags and random states come back
+        Under :func:`~ftforget.inference.measurement_mode`, so train flags and random states come back
         exactly: the fit then draws the same batches as one without the cache.
         """
+        forward_context = self.trainer.precision_plugin.forward_context
         feats, labels = [], []
         with measurement_mode(self):
-            for batch in loader:
-                x = batch[0].to(self.device, non_blocking=True)
-                with autocast_context(self.device, torch.bfloat16):
-                    feats.append(self.features(x).float().cpu())
-                labels.append(batch[1].cpu())
+            for out, (targets, *_) in iterate_features(self.features, loader, self.device, forward_context):
+                feats.append(out.float().cpu())
+                labels.append(targets.cpu())
         return torch.cat(feats), torch.cat(labels)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ftforget.adapters.lora import apply_lora, lora_disabled, lora_merged, merge_lora, unmerge_lora
@@ -22,6 +22,8 @@ class LoRA(FineTuningModule):
         dropout: dropout on the LoRA branch input.
         **kwargs: the arguments of :class:`FineTuningModule`.
     """
+
+    table_label = "LoRA r={r}"
 
     def __init__(
         self,
@@ -50,6 +52,10 @@ class LoRA(FineTuningModule):
         """Context in which the adapters are merged."""
         with lora_merged(self.backbone):
             yield
+
+    def inference_context(self) -> AbstractContextManager:
+        """Adapters merged while measuring: one matmul per projection, bit-exact restore after."""
+        return self.merged()
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:

@@ -17,6 +17,8 @@ class TopKFineTuning(FineTuningModule):
         **kwargs: the arguments of :class:`FineTuningModule`.
     """
 
+    table_label = "top-{k} blocks"
+
     def __init__(self, k: int = 3, train_final_norm: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         depth = len(self.backbone.blocks)

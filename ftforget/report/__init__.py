@@ -3,15 +3,16 @@
 - :mod:`~ftforget.report.runs`: finding runs, reading their event files, measurement file and config;
 - :mod:`~ftforget.report.table`: one row per run (Markdown and CSV);
 - :mod:`~ftforget.report.figures`: forgetting curves and the stability-plasticity plane;
-- :mod:`~ftforget.report.command`: the command line, :func:`main`.
+- :mod:`~ftforget.report.write`: :func:`write_report`, everything above into one directory.
 """
 
-from ftforget.report.command import main, write_report
 from ftforget.report.figures import plot_forgetting_curves, plot_stability_plasticity, save_figures
 from ftforget.report.runs import ReportError, Run, find_runs, load_run, load_runs
 from ftforget.report.table import Row, build_table, read_csv, summarize, to_markdown, write_csv
+from ftforget.report.write import Report, write_report
 
 __all__ = [
+    "Report",
     "ReportError",
     "Row",
     "Run",
@@ -19,7 +20,6 @@ __all__ = [
     "find_runs",
     "load_run",
     "load_runs",
-    "main",
     "plot_forgetting_curves",
     "plot_stability_plasticity",
     "read_csv",

@@ -13,21 +13,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ftforget.methods import registry
 from ftforget.report.runs import ReportError, Run
 
 #: the step of the paper's claim ("loses over 70% ... after just 10 iterations")
 EARLY_STEP = 10
 #: TensorBoard stores scalars as float32, exact for integers only up to 2**24
 FLOAT32_EXACT_INT = 2**24
-
-# Paper order; {name} fields come from the run's model init_args.
-_METHODS: dict[str, str] = {
-    "FullFineTuning": "full fine-tuning",
-    "TopKFineTuning": "top-{k} blocks",
-    "LinearProbing": "linear probe",
-    "LoRA": "LoRA r={r}",
-    "BlockExpansion": "Block Expansion p={p}",
-}
 
 
 @dataclass
@@ -50,28 +42,21 @@ class Row:
     run: str
 
 
+def _model_config(run: Run) -> tuple[str, dict]:
+    model = run.config.get("model") or {}
+    if not isinstance(model, dict):
+        return "", {}
+    return str(model.get("class_path", "")), dict(model.get("init_args") or {})
+
+
 def method_label(run: Run) -> str:
     """A readable method name from the run's ``config.yaml`` (e.g. ``LoRA r=4``), else the directory."""
-    model = run.config.get("model") or {}
-    class_path = model.get("class_path", "") if isinstance(model, dict) else ""
-    if not class_path:
-        return str(run.path)
-    name = class_path.rsplit(".", 1)[-1]
-    args = model.get("init_args") or {}
-    if name == "BlockExpansion" and args.get("p") is None and args.get("positions") is not None:
-        return f"Block Expansion after blocks {args['positions']}"
-    template = _METHODS.get(name, name)
-    try:
-        return template.format(**args)
-    except (KeyError, IndexError):
-        return name
+    class_path, init_args = _model_config(run)
+    return registry.method_label(class_path, init_args) if class_path else str(run.path)
 
 
 def _method_rank(run: Run) -> int:
-    class_path = (run.config.get("model") or {}).get("class_path", "")
-    names = list(_METHODS)
-    name = class_path.rsplit(".", 1)[-1]
-    return names.index(name) if name in names else len(names)
+    return registry.method_rank(_model_config(run)[0])
 
 
 def run_labels(runs: list[Run]) -> dict[Path, str]:

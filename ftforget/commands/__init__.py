@@ -1,0 +1,42 @@
+"""The ``ftforget`` commands: Lightning's stages and ftforget's own, each a thin layer over the library.
+
+``ftforget fit|validate|test|predict`` run the LightningCLI (:mod:`ftforget.cli`); ``ftforget measure``,
+``report`` and ``demo`` are the modules of this package. Each command parses its arguments, calls
+library functions and prints; this package is the only one that knows every other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ftforget.backbones import CheckpointError
+
+#: command -> (module in this package with ``main(argv) -> int``, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "measure": ("measure", "k-NN forgetting probe of a pretrained backbone or of any checkpoint"),
+    "report": ("report", "paper-style table (Markdown, CSV) and figures from run directories"),
+    "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
+}
+
+#: errors that mean bad input: their message names the option or file, a traceback would only hide it
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ftforget`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{COMMANDS[args[0]][0]}")
+        try:
+            return module.main(args[1:])
+        except USER_ERRORS as err:
+            sys.stderr.write(f"ftforget {args[0]}: error: {err}\n")
+            return 2
+    if args and args[0] in ("-h", "--help"):
+        extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items())
+        sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")
+    from ftforget.cli import run_lightning
+
+    run_lightning(args)
+    return 0

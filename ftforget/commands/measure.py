@@ -1,0 +1,173 @@
+"""``ftforget measure``: one k-NN forgetting measurement outside training.
+
+Measures a checkpoint of any ftforget method (rebuilt through the method registry, so the feature is
+exactly the one the callback measured during training) or a pretrained backbone, on any probe: the
+ImageNet-1k probe by default, the digits miniature's, or your own ``ProbeData``. The options are those of
+the typed classes the callback uses (``--knn`` is :class:`~ftforget.forgetting.config.KNNConfig`,
+``--probe`` any :class:`~ftforget.data.probe.ProbeData`), and ``--config`` reads them from YAML::
+
+    ftforget measure --ckpt_path runs/lora_r8/version_0/checkpoints/last.ckpt \\
+        --probe.root /datasets/imagenet --knn.k '[20, 10, 100, 200]' --output knn.json
+    ftforget measure --backbone vit_base_patch16_224.dino --checkpoint dino_vitbase16_pretrain.pth \\
+        --probe.root /datasets/imagenet
+    ftforget measure --ckpt_path last.ckpt --probe ftforget.data.digits.DigitsProbe --knn.batch_size 1024
+
+Under ``torchrun`` the bank is sharded over the processes, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from ftforget.backbones import build_backbone, input_size
+from ftforget.data.digits import DigitsProbe  # noqa: F401  (importable by its short name)
+from ftforget.data.imagenet import ImageNetProbe  # noqa: F401
+from ftforget.data.probe import ProbeData
+from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
+from ftforget.forgetting.collectives import dist_info
+from ftforget.forgetting.config import KNNConfig
+from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe
+from ftforget.inference import BackboneModel, measurement_mode
+from ftforget.methods.registry import load_method
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="ftforget measure",
+        description=__doc__.split("\n\n")[0],
+        exit_on_error=False,
+        env_prefix="FTFORGET_MEASURE",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint of an ftforget method")
+    parser.add_argument(
+        "--backbone", type=str | None, default=None, help="timm name of a backbone to measure"
+    )
+    parser.add_argument("--checkpoint", type=str | None, default=None, help="--backbone's local weights file")
+    parser.add_argument("--pretrained", type=bool, default=False, help="download --backbone's timm weights")
+    parser.add_argument(
+        "--backbone_kwargs", type=dict[str, Any] | None, default=None, help="extra timm.create_model args"
+    )
+    parser.add_subclass_arguments(
+        ProbeData, "probe", required=True, help="the probe: ImageNetProbe (default), DigitsProbe, ..."
+    )
+    parser.set_defaults({"probe": {"class_path": "ftforget.data.imagenet.ImageNetProbe"}})
+    parser.add_class_arguments(KNNConfig, "knn", help="k-NN and extraction settings (as the callback's knn)")
+    parser.add_argument("--device", type=str | None, default=None, help="default: the local GPU, else cpu")
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="on-disk feature cache")
+    parser.add_argument("--output", type=str | None, default=None, help="JSON file for the result")
+    return parser
+
+
+def _check_sources(cfg: Namespace) -> None:
+    if (cfg.ckpt_path is None) == (cfg.backbone is None):
+        raise ValueError("give exactly one of --ckpt_path and --backbone")
+    if cfg.ckpt_path is not None and (cfg.checkpoint or cfg.pretrained or cfg.backbone_kwargs):
+        raise ValueError(
+            "--checkpoint, --pretrained and --backbone_kwargs go with --backbone, not --ckpt_path"
+        )
+
+
+def _check_output(output: str | None) -> Path | None:
+    """The output path, checked before the (long) measurement so that its numbers cannot be lost."""
+    if output is None:
+        return None
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"--output {str(path)!r} is a directory; give a file name, e.g. {str(path / 'knn.json')!r}"
+        )
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--output {str(path)!r}: directory {str(parent)!r} is not writable")
+    return path
+
+
+def _setup_distributed(device_arg: str | None) -> tuple[torch.device, bool]:
+    """Joins the ``torchrun`` process group when there is one; (this process's device, whether it joined)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if device_arg not in (None, "cuda"):
+        return torch.device(device_arg), joined
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), joined
+    return torch.device("cpu"), joined
+
+
+def measure(
+    model: torch.nn.Module,
+    probe: ProbeData,
+    knn: KNNConfig,
+    device: torch.device,
+    cache: FeatureCache | None = None,
+) -> ProbeMeasurement:
+    """One measurement of ``model`` (a :class:`~ftforget.inference.ProbedModel`) on ``probe``; every rank
+    calls it, all get the result."""
+    size = input_size(model.feature_module)  # type: ignore[arg-type]
+    if size is not None:
+        probe.match_input_size(size)
+    probe.setup()
+    model.to(device)
+    fingerprint = feature_fingerprint(model)
+    with measurement_mode(model):
+        return evaluate_probe(model.features, probe, knn, device, fingerprint=fingerprint, cache=cache)  # type: ignore[operator]
+
+
+def main(argv: list[str]) -> int:
+    """Runs ``ftforget measure``; returns the exit status."""
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(argv)
+    except Exception as err:  # jsonargparse reports bad options as ArgumentError; the message names the key
+        raise ValueError(str(err).strip().replace("\n", " ")) from None
+    _check_sources(cfg)
+    output = _check_output(cfg.output)
+    init = parser.instantiate_classes(cfg)
+    if cfg.ckpt_path is not None:
+        model, source = load_method(cfg.ckpt_path), f"ckpt:{cfg.ckpt_path}"
+    else:
+        backbone = build_backbone(cfg.backbone, cfg.checkpoint, cfg.pretrained, **(cfg.backbone_kwargs or {}))
+        model = BackboneModel(backbone)
+        source = f"backbone:{cfg.backbone}" + (f":{cfg.checkpoint}" if cfg.checkpoint else "")
+    device, joined = _setup_distributed(cfg.device)
+    cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
+    result = measure(model, init.probe, init.knn, device, cache)
+    report = {
+        "source": source, "probe": init.probe.name, "temperature": init.knn.temperature,
+        "results": [{"k": k, "top1": result.top1[k], "top5": result.top5[k]} for k in init.knn.ks],
+        "num_queries": result.num_queries, "num_bank": result.num_bank, "seconds": result.seconds,
+        "world_size": dist_info()[1],
+    }  # fmt: skip
+    if dist_info()[0] == 0:
+        n = result.num_queries
+        for row in report["results"]:
+            # Hit counts alongside the percentages: the exact fractions logged in forgetting.jsonl.
+            top1, top5 = round(row["top1"] * n), round(row["top5"] * n)
+            sys.stdout.write(
+                f"{source}: {init.probe.name} k-NN k={row['k']}: top-1 {100 * row['top1']:.2f}% ({top1}/{n}), "
+                f"top-5 {100 * row['top5']:.2f}% ({top5}/{n})\n"
+            )
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(f".{output.name}.tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, output)
+            sys.stdout.write(f"wrote {output}\n")
+    if joined:
+        dist.destroy_process_group()
+    return 0

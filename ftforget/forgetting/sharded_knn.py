@@ -1,0 +1,69 @@
+"""The k-NN driver over ranks: queries gathered once, the bank left sharded, top-k candidates merged.
+
+No rank ever holds the whole bank: only the queries and each query chunk's top-k candidates travel
+between ranks (:mod:`~ftforget.forgetting.collectives`); the arithmetic is :mod:`~ftforget.forgetting.knn`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ftforget.forgetting.collectives import all_gather_rows, dist_info
+from ftforget.forgetting.features import ShardFeatures
+from ftforget.forgetting.knn import count_correct, local_topk, merge_topk, predict_from_topk
+
+
+def gather_queries(local: ShardFeatures, expected: int) -> ShardFeatures:
+    """All ranks' query shards, ordered by sample index, after checking each sample appears exactly once.
+
+    Raises:
+        RuntimeError: a sample is missing or duplicated (a padding sampler, or a dataset whose length
+            changed between ranks).
+    """
+    feats = all_gather_rows(local.features)
+    labels = all_gather_rows(local.labels)
+    indices = all_gather_rows(local.indices)
+    order = indices.argsort()
+    indices = indices[order]
+    if indices.numel() != expected or not torch.equal(indices.cpu(), torch.arange(expected)):
+        raise RuntimeError(
+            f"distributed feature extraction covered {indices.numel()} query samples, expected each of "
+            f"{expected} exactly once"
+        )
+    return ShardFeatures(feats[order], labels[order], indices)
+
+
+def sharded_knn_counts(
+    queries: ShardFeatures,
+    bank: ShardFeatures,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+    query_chunk: int,
+    bank_chunk: int,
+) -> dict[int, tuple[int, int]]:
+    """Top-1 and top-5 hit counts per k of every query against the bank sharded over the ranks.
+
+    Every rank holds all queries and its own bank shard; per query chunk (the same chunks on every rank)
+    each rank finds its local top-k, the candidates are all-gathered and merged, and every rank votes on
+    the merged top-k, so all ranks end with the same counts without a broadcast.
+    """
+    k_max = max(ks)
+    _, world = dist_info()
+    hits = {k: [0, 0] for k in ks}
+    for start in range(0, queries.features.shape[0], query_chunk):
+        q = queries.features[start : start + query_chunk].float()
+        sims, labels = local_topk(q, bank.features, bank.labels, k_max, bank_chunk)
+        if world > 1:
+            all_sims = all_gather_rows(sims[None]).flatten(0, 1).split(len(q))
+            all_labels = all_gather_rows(labels[None]).flatten(0, 1).split(len(q))
+            sims, labels = merge_topk(all_sims, all_labels, k_max)
+        preds = predict_from_topk(sims, labels, num_classes, ks, temperature)
+        targets = queries.labels[start : start + query_chunk]
+        for k, p in preds.items():
+            top1, top5 = count_correct(p, targets)
+            hits[k][0] += top1
+            hits[k][1] += top5
+    return {k: (h[0], h[1]) for k, h in hits.items()}

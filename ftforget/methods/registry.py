@@ -1,0 +1,103 @@
+"""The one registry of methods: what checkpoints are rebuilt as, and how each method is named in reports.
+
+Every command that reads a checkpoint (``ftforget measure``, ``report``, ``demo``) goes through
+:func:`load_method`: the class comes from this registry, checked before anything is imported or built,
+and the model is rebuilt by Lightning's ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftforget.methods.base import METHOD_KEY, FineTuningModule
+from ftforget.methods.block_expansion import BlockExpansion
+from ftforget.methods.full import FullFineTuning
+from ftforget.methods.linear import LinearProbing
+from ftforget.methods.lora import LoRA
+from ftforget.methods.topk import TopKFineTuning
+
+#: name -> class, in the paper's table order
+METHODS: dict[str, type[FineTuningModule]] = {
+    cls.__name__: cls for cls in (FullFineTuning, TopKFineTuning, LinearProbing, LoRA, BlockExpansion)
+}
+
+
+class MethodCheckpointError(ValueError):
+    """A checkpoint cannot be rebuilt as a registered method; the message names the file or class."""
+
+
+def method_class(class_path: str) -> type[FineTuningModule]:
+    """The registered method named by ``class_path`` (``LoRA``, ``ftforget.methods.LoRA`` or the defining
+    module's path); nothing is imported.
+
+    Raises:
+        MethodCheckpointError: no registered method has that name or path.
+    """
+    name = class_path.rsplit(".", 1)[-1]
+    cls = METHODS.get(name)
+    accepted = {name, f"ftforget.methods.{name}"} | ({f"{cls.__module__}.{name}"} if cls else set())
+    if cls is None or class_path not in accepted:
+        raise MethodCheckpointError(
+            f"{class_path!r} is not an ftforget method; registered: "
+            + ", ".join(f"ftforget.methods.{n}" for n in METHODS)
+        )
+    return cls
+
+
+def checkpoint_method(checkpoint: dict[str, Any]) -> type[FineTuningModule]:
+    """The registered method a loaded checkpoint dict was saved by (its ``ftforget_method`` entry, else
+    LightningCLI's ``_class_path`` hyperparameter)."""
+    name = checkpoint.get(METHOD_KEY) or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not name:
+        raise MethodCheckpointError(
+            "the checkpoint names no method (no 'ftforget_method' entry and no '_class_path' hyperparameter)"
+        )
+    return method_class(str(name))
+
+
+def load_method(ckpt_path: str | os.PathLike[str], **overrides: Any) -> FineTuningModule:
+    """Rebuilds the ftforget method saved in ``ckpt_path`` on the CPU, in eval mode.
+
+    The backbone is built without a download (the state dict holds every weight; checkpoints record no
+    weights file, see ``FineTuningModule.on_save_checkpoint``); ``overrides`` replace hyperparameters.
+
+    Raises:
+        FileNotFoundError: ``ckpt_path`` is not a file.
+        MethodCheckpointError: it is not a readable checkpoint of a registered method.
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise MethodCheckpointError(f"{str(path)!r} is not a readable Lightning checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise MethodCheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+    try:
+        cls = checkpoint_method(checkpoint)
+    except MethodCheckpointError as err:
+        raise MethodCheckpointError(f"{str(path)!r}: {err}") from None
+    kwargs = {"pretrained": False, **overrides}
+    model = cls.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True, **kwargs)
+    return model.eval()
+
+
+def method_label(class_path: str, init_args: dict[str, Any]) -> str:
+    """A readable name of a configured method, e.g. ``LoRA r=4`` (the class name if unregistered)."""
+    try:
+        cls = method_class(class_path)
+    except MethodCheckpointError:
+        return class_path.rsplit(".", 1)[-1]
+    return cls.describe(init_args)
+
+
+def method_rank(class_path: str) -> int:
+    """The method's position in the paper's table (unregistered methods last)."""
+    names = list(METHODS)
+    name = class_path.rsplit(".", 1)[-1]
+    return names.index(name) if name in names else len(names)
