@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from ftforget.backbones import build_backbone
 from ftforget.data.imagenet import ImageNetProbe
 from ftforget.forgetting import DEFAULT_EVAL_STEPS, ForgettingCallback
-from ftforget.forgetting.distributed import ShardFeatures, extract_features, sharded_knn_counts
+from ftforget.forgetting.config import KNNConfig
+from ftforget.forgetting.features import ShardFeatures, extract_features
+from ftforget.forgetting.sharded_knn import sharded_knn_counts
 from ftforget.methods import FullFineTuning
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
@@ -145,7 +147,8 @@ def bench_knn(args: argparse.Namespace, dim: int, device: torch.device) -> None:
     bank_f = ShardFeatures(bank, labels, torch.arange(args.bank_size, device=device))
     query_f = ShardFeatures(queries, q_labels, torch.arange(args.num_queries, device=device))
     start = time.perf_counter()
-    sharded_knn_counts(query_f, bank_f, 1000, args.k, 0.07)
+    chunks = KNNConfig()
+    sharded_knn_counts(query_f, bank_f, 1000, args.k, 0.07, chunks.query_chunk, chunks.bank_chunk)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -231,7 +234,9 @@ def main() -> None:
         timed_fit(
             args, probe, Path(tmp) / "runs", None, steps=5
         )  # warm-up: one-time costs out of the timings
-        callback = ForgettingCallback(k=args.k[:1], batch_size=args.batch_size, num_workers=args.num_workers)
+        callback = ForgettingCallback(
+            knn=KNNConfig(k=args.k[:1], batch_size=args.batch_size, num_workers=args.num_workers)
+        )
         with_cb = timed_fit(args, probe, Path(tmp) / "runs", callback)
         base = timed_fit(args, probe, Path(tmp) / "runs", None)
         measured = sum(r["seconds"] for r in callback.records)
