@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,25 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # A second demo reuses the cached backbone.
     assert demo_command.main([*argv[:-1], "linear"]) == 0
     assert "pretrained backbone: reusing" in capsys.readouterr().out
+    # ftforget measure on each run's last checkpoint, with the digits probe and the demo's k-NN settings,
+    # reproduces the run's own last measurement exactly (the same feature, the same probe, the same k-NN).
+    from ftforget.commands import main as ftforget_main
+
+    for method, row in rows.items():
+        run_dir = Path(row["run"])
+        last_line = [json.loads(x) for x in (run_dir / "forgetting.jsonl").read_text().splitlines()][-1]
+        result = tmp_path / f"{method}.json"
+        code = ftforget_main([
+            "measure", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+            "--probe", "DigitsProbe", "--knn.k", "20", "--knn.batch_size", "1024", "--knn.num_workers", "0",
+            "--output", str(result),
+        ])  # fmt: skip
+        assert code == 0
+        (measured,) = json.loads(result.read_text())["results"]
+        assert last_line["step"] == 3
+        assert (measured["top1"], measured["top5"]) == (last_line["top1"], last_line["top5"]), method
+        hits = round(last_line["top1"] * last_line["num_queries"])
+        assert (
+            f"top-1 {100 * last_line['top1']:.2f}% ({hits}/{last_line['num_queries']})"
+            in capsys.readouterr().out
+        )

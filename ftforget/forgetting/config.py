@@ -59,6 +59,11 @@ class KNNConfig:
     bank_chunk: PositiveInt = 65536
 
     def __post_init__(self) -> None:
+        # Plain python types: jsonargparse's restricted types (PositiveFloat, ...) must not reach
+        # checkpoints, which are loaded with weights_only=True.
+        self.temperature = float(self.temperature)
+        for name in ("batch_size", "num_workers", "query_chunk", "bank_chunk"):
+            setattr(self, name, int(getattr(self, name)))
         # The same checks as the parser's types, for objects built in Python; messages name the key.
         try:
             self.k = check_knn_args([self.k] if isinstance(self.k, int) else self.k, self.temperature)
