@@ -15,10 +15,13 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from ftforget.backbones import CheckpointError
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
+from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER
 
 
 class FTForgetCLI(LightningCLI):
@@ -41,6 +44,11 @@ class FTForgetCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # The paper's new task; a config or --data picks another data module.
         parser.set_defaults({"data": {"class_path": "ftforget.data.CIFAR100DataModule"}})
+        # --optimizer / --lr_scheduler take any torch class; the method gets them as plain dicts (saved in
+        # its hyperparameters) and builds them over its trainable parameters. Default: the paper's recipe.
+        parser.add_optimizer_args((Optimizer,), link_to="model.init_args.optimizer")
+        parser.add_lr_scheduler_args((LRScheduler,), link_to="model.init_args.lr_scheduler")
+        parser.set_defaults({"optimizer": DEFAULT_OPTIMIZER, "lr_scheduler": DEFAULT_LR_SCHEDULER})
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
