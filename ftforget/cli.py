@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -21,7 +22,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from ftforget.backbones import CheckpointError
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
-from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER
+from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
+from ftforget.resources import defaults_config
 
 
 class FTForgetCLI(LightningCLI):
@@ -46,9 +48,12 @@ class FTForgetCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "ftforget.data.CIFAR100DataModule"}})
         # --optimizer / --lr_scheduler take any torch class; the method gets them as plain dicts (saved in
         # its hyperparameters) and builds them over its trainable parameters. Default: the paper's recipe.
-        parser.add_optimizer_args((Optimizer,), link_to="model.init_args.optimizer")
-        parser.add_lr_scheduler_args((LRScheduler,), link_to="model.init_args.lr_scheduler")
+        # Linked here rather than with link_to=, which would hand the method jsonargparse Namespaces.
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args((LRScheduler,))
         parser.set_defaults({"optimizer": DEFAULT_OPTIMIZER, "lr_scheduler": DEFAULT_LR_SCHEDULER})
+        for key in ("optimizer", "lr_scheduler"):
+            parser.link_arguments(key, f"model.init_args.{key}", compute_fn=partial(resolve_spec, what=key))
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
@@ -58,20 +63,11 @@ class FTForgetCLI(LightningCLI):
             rank_zero_info("trainer.precision not set: using bf16-mixed on this GPU (32-true for fp32)")
 
 
-def _trainer_defaults() -> dict:
-    # The paper's recipe: 10,000 SGD steps (batch 128 lives in the data module), validation each epoch.
-    return {
-        "max_steps": 10_000,
-        "log_every_n_steps": 10,
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "ftforget"},
-        },
-    }
-
-
 def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
     """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``).
+
+    Every stage starts from ``configs/defaults.yaml`` (the paper's shared recipe), then applies the
+    ``--config`` files and options in the order given.
 
     Args:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
@@ -82,7 +78,10 @@ def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
-        trainer_defaults=_trainer_defaults(),
+        # The paper's shared recipe (backbone, steps, logger), read before any --config.
+        parser_kwargs={
+            stage: {"default_config_files": [str(defaults_config())]} for stage in FTForgetCLI.subcommands()
+        },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=argv,

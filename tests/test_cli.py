@@ -18,8 +18,9 @@ from ftforget.cli import main, run_lightning
 from ftforget.methods import LoRA, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-# one config per method and table row; configs/forgetting.yaml is an add-on (a second --config)
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "forgetting")
+# one config per method and table row; configs/forgetting.yaml is an add-on (a second --config) and
+# configs/defaults.yaml the shared recipe every run starts from
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem not in ("forgetting", "defaults"))
 # 12 blocks so that every shipped config (p=1..4, positions [10]) applies as written
 TINY12 = '{"depth": 12, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}'
 
@@ -29,7 +30,7 @@ def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
         "model.init_args.backbone": "vit_base_patch16_224",
         "model.init_args.pretrained": "false",
         "model.init_args.backbone_kwargs": TINY12,
-        "model.init_args.warmup_steps": "1",
+        "lr_scheduler.init_args.warmup_steps": "1",
         "data": "ftforget.data.digits.DigitsDataModule",
         # jsonargparse carries init_args that the new data class also has over from the default class
         "data.init_args.batch_size": "16",
@@ -130,7 +131,7 @@ def test_checkpoint_loads_back_and_test_reproduces_outputs(tmp_path):
 
 def test_resume_continues_step_count_and_schedule(tmp_path):
     steps, stop = 6, 3
-    common = [*tiny_overrides(tmp_path, steps=steps), "--model.init_args.warmup_steps", "2"]
+    common = [*tiny_overrides(tmp_path, steps=steps), "--lr_scheduler.init_args.warmup_steps", "2"]
 
     def fit(lr_log: Path, *extra: str):
         record = ["--trainer.callbacks+=helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]

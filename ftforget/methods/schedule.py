@@ -158,3 +158,17 @@ def check_optimization(optimizer: Mapping[str, Any] | None, lr_scheduler: Mappin
 
 def _format(init_args: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in init_args.items())
+
+
+def paper_recipe(lr: float | None = None, warmup_steps: int | None = None) -> dict[str, dict[str, Any]]:
+    """A method's ``optimizer`` and ``lr_scheduler`` arguments: the defaults with another peak lr or warmup.
+
+    E.g. ``LoRA(r=4, **paper_recipe(lr=0.05))``, the Python counterpart of a config's
+    ``optimizer: {init_args: {lr: 0.05}}``.
+    """
+    optimizer, lr_scheduler = copy.deepcopy(DEFAULT_OPTIMIZER), copy.deepcopy(DEFAULT_LR_SCHEDULER)
+    if lr is not None:
+        optimizer["init_args"]["lr"] = lr
+    if warmup_steps is not None:
+        lr_scheduler["init_args"]["warmup_steps"] = warmup_steps
+    return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
