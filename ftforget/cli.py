@@ -63,7 +63,7 @@ class FTForgetCLI(LightningCLI):
             rank_zero_info("trainer.precision not set: using bf16-mixed on this GPU (32-true for fp32)")
 
 
-def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
+def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCLI:
     """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``).
 
     Every stage starts from ``configs/defaults.yaml`` (the paper's shared recipe), then applies the
@@ -71,20 +71,24 @@ def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
 
     Args:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+        run: run the stage; ``False`` only parses ``argv`` (no stage name then) and instantiates the
+            model, data module and trainer.
     """
+    # The paper's shared recipe (backbone, steps, logger), read before any --config; with subcommands the
+    # parser of each stage needs it.
+    defaults = {"default_config_files": [str(defaults_config())]}
+    parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
     return FTForgetCLI(
         FineTuningModule,
         FineTuneDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
-        # The paper's shared recipe (backbone, steps, logger), read before any --config.
-        parser_kwargs={
-            stage: {"default_config_files": [str(defaults_config())]} for stage in FTForgetCLI.subcommands()
-        },
+        parser_kwargs=parser_kwargs,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=argv,
+        run=run,
     )
 
 

@@ -64,6 +64,10 @@ def test_every_config_parses(config, capsys):
     assert printed["data"]["class_path"] == "ftforget.data.CIFAR100DataModule"
     assert printed["trainer"]["max_steps"] == 10_000
     assert printed["data"]["init_args"]["batch_size"] == 128
+    # the shared recipe comes from configs/defaults.yaml, the run's name from the method's file
+    init_args, logger = printed["model"]["init_args"], printed["trainer"]["logger"]["init_args"]
+    assert (init_args["backbone"], init_args["pretrained"]) == ("vit_base_patch16_224.dino", True)
+    assert logger["save_dir"] == "runs" and logger["name"].startswith(config.stem.split("_")[0])
 
 
 def test_forgetting_addon_parses_with_a_method_config(capsys):

@@ -101,7 +101,16 @@ def resolve_spec(spec: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     init_args = spec.get("init_args") or {}
     if callable(getattr(init_args, "as_dict", None)):
         init_args = init_args.as_dict()
-    return {"class_path": str(spec["class_path"]), "init_args": copy.deepcopy(dict(init_args))}
+    return {"class_path": str(spec["class_path"]), "init_args": _plain(dict(init_args))}
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy with tuples as lists: what YAML holds, so hparams.yaml and config.yaml round-trip."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return copy.deepcopy(value)
 
 
 def _resolve(spec: Mapping[str, Any] | None, base: type, what: str) -> tuple[type, dict[str, Any]]:
