@@ -70,6 +70,20 @@ def test_every_config_parses(config, capsys):
     assert logger["save_dir"] == "runs" and logger["name"].startswith(config.stem.split("_")[0])
 
 
+def test_defaults_alone_are_the_papers_full_fine_tuning(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "ftforget.methods.FullFineTuning"
+    assert printed["model"]["init_args"]["pretrained"] is True
+    optimizer, trainer = printed["optimizer"], printed["trainer"]
+    assert optimizer["class_path"] == "torch.optim.SGD"
+    assert (optimizer["init_args"]["lr"], optimizer["init_args"]["momentum"]) == (0.005, 0.9)
+    assert printed["lr_scheduler"]["init_args"]["warmup_steps"] == 500
+    assert (trainer["max_steps"], trainer["logger"]["init_args"]["name"]) == (10_000, "ftforget")
+
+
 def test_forgetting_addon_parses_with_a_method_config(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(ROOT / "configs/lora.yaml"), "--config", str(ROOT / "configs/forgetting.yaml"),
