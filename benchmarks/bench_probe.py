@@ -36,6 +36,7 @@ from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.features import ShardFeatures, extract_features
 from ftforget.forgetting.sharded_knn import sharded_knn_counts
 from ftforget.methods import FullFineTuning
+from ftforget.methods.schedule import paper_recipe
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
@@ -187,7 +188,10 @@ def timed_fit(
     """Wall-clock of a fit of ``steps`` (default ``--train_steps``) steps, with or without the callback."""
     L.seed_everything(0, verbose=False)
     model = FullFineTuning(
-        num_classes=10, backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, warmup_steps=0
+        num_classes=10,
+        backbone=args.backbone,
+        backbone_kwargs=args.backbone_kwargs,
+        **paper_recipe(warmup_steps=0),
     )
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=steps or args.train_steps,

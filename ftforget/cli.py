@@ -8,13 +8,19 @@ ftforget's own commands (``measure``, ``report``, ``demo``) live in :mod:`ftforg
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
+from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
+from ftforget.resources import defaults_config
 
 
 class FTForgetCLI(LightningCLI):
@@ -37,6 +43,14 @@ class FTForgetCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # The paper's new task; a config or --data picks another data module.
         parser.set_defaults({"data": {"class_path": "ftforget.data.CIFAR100DataModule"}})
+        # --optimizer / --lr_scheduler take any torch class; the method gets them as plain dicts (saved in
+        # its hyperparameters) and builds them over its trainable parameters. Default: the paper's recipe.
+        # Linked here rather than with link_to=, which would hand the method jsonargparse Namespaces.
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args((LRScheduler,))
+        parser.set_defaults({"optimizer": DEFAULT_OPTIMIZER, "lr_scheduler": DEFAULT_LR_SCHEDULER})
+        for key in ("optimizer", "lr_scheduler"):
+            parser.link_arguments(key, f"model.init_args.{key}", compute_fn=partial(resolve_spec, what=key))
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
@@ -46,32 +60,30 @@ class FTForgetCLI(LightningCLI):
             rank_zero_info("trainer.precision not set: using bf16-mixed on this GPU (32-true for fp32)")
 
 
-def _trainer_defaults() -> dict:
-    # The paper's recipe: 10,000 SGD steps (batch 128 lives in the data module), validation each epoch.
-    return {
-        "max_steps": 10_000,
-        "log_every_n_steps": 10,
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "ftforget"},
-        },
-    }
-
-
-def run_lightning(argv: list[str] | None = None) -> FTForgetCLI:
+def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCLI:
     """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``).
+
+    Every stage starts from ``configs/defaults.yaml`` (the paper's shared recipe), then applies the
+    ``--config`` files and options in the order given.
 
     Args:
         argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+        run: run the stage; ``False`` only parses ``argv`` (no stage name then) and instantiates the
+            model, data module and trainer.
     """
+    # The paper's shared recipe (backbone, steps, logger), read before any --config; with subcommands the
+    # parser of each stage needs it.
+    defaults = {"default_config_files": [str(defaults_config())]}
+    parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
     return FTForgetCLI(
         FineTuningModule,
         FineTuneDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
-        trainer_defaults=_trainer_defaults(),
+        parser_kwargs=parser_kwargs,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=argv,
+        run=run,
     )

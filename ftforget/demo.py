@@ -161,11 +161,6 @@ def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSet
     )
 
 
-def default_config_dir() -> Path:
-    # configs/ sits next to the package in a clone (the demo is run from a clone or an editable install).
-    return Path(ftforget.__file__).resolve().parent.parent / "configs" / "demo"
-
-
 def _say(message: str) -> None:
     sys.stdout.write(f"[ftforget demo] {message}\n")
     sys.stdout.flush()

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ftforget.data.probe import IndexedDataset, ProbeData
 from ftforget.forgetting.config import KNNConfig
 from ftforget.methods import FullFineTuning
+from ftforget.methods.schedule import paper_recipe
 
 TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
 TINY_ARGS = {"backbone": "vit_base_patch16_224", "backbone_kwargs": TINY_KWARGS}
@@ -166,7 +167,7 @@ def tiny_model(cls: type = FullFineTuning, seed: int = 0, **kwargs: Any) -> L.Li
     """A tiny method with drop-path, so that training consumes the global RNG every step."""
     torch.manual_seed(seed)
     args = {"backbone": "vit_base_patch16_224", "backbone_kwargs": {**TINY_KWARGS, "drop_path_rate": 0.1}}
-    return cls(num_classes=5, warmup_steps=0, lr=0.05, **args, **kwargs)
+    return cls(num_classes=5, **paper_recipe(lr=0.05, warmup_steps=0), **args, **kwargs)
 
 
 def make_trainer(root: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

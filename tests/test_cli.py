@@ -19,8 +19,9 @@ from ftforget.commands import main
 from ftforget.methods import LoRA, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-# one config per method and table row; configs/forgetting.yaml is an add-on (a second --config)
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "forgetting")
+# one config per method and table row; configs/forgetting.yaml is an add-on (a second --config) and
+# configs/defaults.yaml the shared recipe every run starts from
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem not in ("forgetting", "defaults"))
 # 12 blocks so that every shipped config (p=1..4, positions [10]) applies as written
 TINY12 = '{"depth": 12, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}'
 
@@ -30,7 +31,7 @@ def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
         "model.init_args.backbone": "vit_base_patch16_224",
         "model.init_args.pretrained": "false",
         "model.init_args.backbone_kwargs": TINY12,
-        "model.init_args.warmup_steps": "1",
+        "lr_scheduler.init_args.warmup_steps": "1",
         "data": "ftforget.data.digits.DigitsDataModule",
         # jsonargparse carries init_args that the new data class also has over from the default class
         "data.init_args.batch_size": "16",
@@ -64,6 +65,24 @@ def test_every_config_parses(config, capsys):
     assert printed["data"]["class_path"] == "ftforget.data.CIFAR100DataModule"
     assert printed["trainer"]["max_steps"] == 10_000
     assert printed["data"]["init_args"]["batch_size"] == 128
+    # the shared recipe comes from configs/defaults.yaml, the run's name from the method's file
+    init_args, logger = printed["model"]["init_args"], printed["trainer"]["logger"]["init_args"]
+    assert (init_args["backbone"], init_args["pretrained"]) == ("vit_base_patch16_224.dino", True)
+    assert logger["save_dir"] == "runs" and logger["name"].startswith(config.stem.split("_")[0])
+
+
+def test_defaults_alone_are_the_papers_full_fine_tuning(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "ftforget.methods.FullFineTuning"
+    assert printed["model"]["init_args"]["pretrained"] is True
+    optimizer, trainer = printed["optimizer"], printed["trainer"]
+    assert optimizer["class_path"] == "torch.optim.SGD"
+    assert (optimizer["init_args"]["lr"], optimizer["init_args"]["momentum"]) == (0.005, 0.9)
+    assert printed["lr_scheduler"]["init_args"]["warmup_steps"] == 500
+    assert (trainer["max_steps"], trainer["logger"]["init_args"]["name"]) == (10_000, "ftforget")
 
 
 def test_forgetting_addon_parses_with_a_method_config(capsys):
@@ -131,7 +150,7 @@ def test_checkpoint_loads_back_and_test_reproduces_outputs(tmp_path):
 
 def test_resume_continues_step_count_and_schedule(tmp_path):
     steps, stop = 6, 3
-    common = [*tiny_overrides(tmp_path, steps=steps), "--model.init_args.warmup_steps", "2"]
+    common = [*tiny_overrides(tmp_path, steps=steps), "--lr_scheduler.init_args.warmup_steps", "2"]
 
     def fit(lr_log: Path, *extra: str):
         record = ["--trainer.callbacks+=helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]

@@ -24,6 +24,7 @@ from ftforget.forgetting.features import extract_features
 from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods import FullFineTuning, LoRA
 from ftforget.methods.registry import load_method
+from ftforget.methods.schedule import paper_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forgetting_helpers import TINY_KWARGS, TinyData, make_trainer  # noqa: E402
@@ -269,9 +270,8 @@ def test_measure_a_method_checkpoint_equals_the_live_model(tmp_path: Path, cls: 
     """The .ckpt is rebuilt as the right method (LoRA's keys differ) and measures what the live model does."""
     make_tree(tmp_path / "imagenet")
     torch.manual_seed(0)
-    model = cls(
-        num_classes=5, warmup_steps=0, lr=0.05, backbone="vit_base_patch16_224", backbone_kwargs=TINY_KWARGS
-    )
+    recipe = paper_recipe(lr=0.05, warmup_steps=0)
+    model = cls(num_classes=5, **recipe, backbone="vit_base_patch16_224", backbone_kwargs=TINY_KWARGS)
     L.seed_everything(0)
     trainer = make_trainer(tmp_path, 2, [], logger=False)
     trainer.fit(model, datamodule=TinyData())

@@ -17,6 +17,7 @@ from ftforget.methods import (
     TopKFineTuning,
     warmup_cosine,
 )
+from ftforget.methods.schedule import paper_recipe
 
 # PAPER.md, "true trainable" column: DINO ViT-B/16 with a 100-class head.
 PAPER_COUNTS = [
@@ -58,7 +59,7 @@ IDS = [f"{c.__name__}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for c, kw in
 
 def _make(cls, seed=0, **kwargs):
     torch.manual_seed(seed)
-    return cls(num_classes=5, warmup_steps=0, lr=0.05, **TINY_ARGS, **kwargs)
+    return cls(num_classes=5, **paper_recipe(lr=0.05, warmup_steps=0), **TINY_ARGS, **kwargs)
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), METHODS, ids=IDS)
@@ -159,7 +160,8 @@ def test_lora_training_leaves_k_rows_of_merged_qkv_at_the_pretrained_values(rand
         (LoRA, {"r": 0}, "r=0"),
         (LoRA, {"targets": ["q", "query"]}, "unknown LoRA targets"),
         (FullFineTuning, {"num_classes": 1}, "num_classes"),
-        (FullFineTuning, {"lr": -1.0}, "lr"),
+        (FullFineTuning, paper_recipe(lr=-1.0), r"optimizer: SGD\(lr=-1.0, .*Invalid learning rate"),
+        (FullFineTuning, paper_recipe(warmup_steps=-1), "lr_scheduler.warmup_steps must be >= 0, got -1"),
     ],
 )
 def test_bad_arguments_fail_at_construction(cls, kwargs, match):
@@ -185,8 +187,8 @@ def test_warmup_cosine_known_values():
 
 
 def test_schedule_is_stepped_per_iteration(random_images, tmp_path):
-    module = _make(FullFineTuning)
-    module.hparams.warmup_steps = 2
+    torch.manual_seed(0)
+    module = FullFineTuning(num_classes=5, **paper_recipe(lr=0.05, warmup_steps=2), **TINY_ARGS)
     lrs = []
 
     class LrRecorder(L.Callback):
@@ -206,7 +208,8 @@ def test_linear_probe_feature_cache_trains_the_same_head(tmp_path):
     heads = []
     for cache in (False, True):
         torch.manual_seed(0)
-        module = LinearProbing(num_classes=5, warmup_steps=0, lr=0.05, cache_features=cache, **TINY_ARGS)
+        recipe = paper_recipe(lr=0.05, warmup_steps=0)
+        module = LinearProbing(num_classes=5, **recipe, cache_features=cache, **TINY_ARGS)
         data = DigitsDataModule(batch_size=32, max_shift=0)  # no augmentation: the cache is exact
         torch.manual_seed(1)
         quiet_trainer(tmp_path, max_steps=20, limit_val_batches=0).fit(module, data)

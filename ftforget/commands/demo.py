@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ftforget.demo import METHODS, default_config_dir, run_demo
+from ftforget.demo import METHODS, run_demo
+from ftforget.resources import demo_config_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default: 0)"
     )
     parser.add_argument(
-        "--config-dir", type=Path, default=None, help="the demo YAMLs (default: the clone's configs/demo)"
+        "--config-dir",
+        type=Path,
+        default=None,
+        help="the demo YAMLs (default: the installed ftforget/configs/demo)",
     )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="pretrained backbones (default: OUTPUT/pretrained)"
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
     """Runs ``ftforget demo``; returns the exit status."""
     args = _parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    config_dir = args.config_dir or default_config_dir()
+    config_dir = args.config_dir or demo_config_dir()
     unknown = [m for m in methods if not (config_dir / f"{m}.yaml").is_file()]
     if unknown or not methods or args.steps < 1 or args.pretrain_steps < 1:
         sys.stderr.write(

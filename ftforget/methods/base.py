@@ -7,7 +7,6 @@ trains (``set_trainable``); loop, loss, metrics, optimiser and schedule live her
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -21,22 +20,18 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim
+from ftforget.methods.schedule import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimization,
+    resolve_spec,
+    warmup_cosine,
+)
 
 #: the checkpoint entry naming the method class (a key of ``ftforget.methods.registry.METHODS``)
 METHOD_KEY = "ftforget_method"
 
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine down to ``min_ratio``.
-
-    The same shape as ``transformers.get_cosine_schedule_with_warmup`` that the official code used:
-    step 0 has multiplier 0 when there is a warmup.
-    """
-    if step < warmup_steps:
-        return step / warmup_steps
-    decay = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+__all__ = ["FineTuningModule", "warmup_cosine"]
 
 
 class FineTuningModule(L.LightningModule):
@@ -51,11 +46,13 @@ class FineTuningModule(L.LightningModule):
         checkpoint: local backbone weights (timm, original DINO or Hugging Face format).
         pretrained: download timm's weights for ``backbone`` (needs internet access).
         backbone_kwargs: extra ``timm.create_model`` arguments, e.g. a tiny ``depth``/``embed_dim``.
-        lr: peak learning rate (SGD).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        warmup_steps: linear warmup from 0, in optimizer steps.
-        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        optimizer: ``{"class_path": <a torch.optim.Optimizer>, "init_args": {...}}`` (the CLI's
+            ``--optimizer``), built over the trainable parameters only; ``None``: the paper's
+            :data:`~ftforget.methods.schedule.DEFAULT_OPTIMIZER` (SGD, lr 0.005, momentum 0.9).
+        lr_scheduler: ``{"class_path": <an LRScheduler>, "init_args": {...}}`` (the CLI's
+            ``--lr_scheduler``), stepped every optimizer step; a ``total_steps`` left ``None`` is the
+            trainer's number of optimizer steps. ``None``: the paper's
+            :data:`~ftforget.methods.schedule.DEFAULT_LR_SCHEDULER` (500 warmup steps, then cosine).
         label_smoothing: cross-entropy label smoothing (the paper uses none).
         compile: run the backbone through ``torch.compile`` (first steps are slow while it compiles;
             parameters and checkpoints are unchanged).
@@ -71,21 +68,21 @@ class FineTuningModule(L.LightningModule):
         checkpoint: str | None = None,
         pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
-        lr: float = 0.005,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 500,
-        min_lr_ratio: float = 0.0,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        # The recipe itself goes into the hyperparameters (not None): a checkpoint rebuilds the same one
+        # even if the defaults change.
+        optimizer, lr_scheduler = (
+            resolve_spec(optimizer, "optimizer"),
+            resolve_spec(lr_scheduler, "lr_scheduler"),
+        )
+        check_optimization(optimizer, lr_scheduler)
         if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
             raise FileNotFoundError(f"model.checkpoint: backbone weights file {checkpoint!r} does not exist")
         self.save_hyperparameters()
@@ -190,16 +187,9 @@ class FineTuningModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
-        hp = self.hparams
-        # The fused CUDA kernel updates all parameters in one launch; elsewhere torch picks foreach.
-        fused = all(p.device.type == "cuda" for p in params) or None
-        optimizer = torch.optim.SGD(
-            params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, fused=fused
-        )
+        optimizer = build_optimizer(self.hparams.optimizer, params)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        scheduler = build_lr_scheduler(self.hparams.lr_scheduler, optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
