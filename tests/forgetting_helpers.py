@@ -23,9 +23,7 @@ from ftforget.data.probe import IndexedDataset, ProbeData
 from ftforget.forgetting.config import KNNConfig
 from ftforget.methods import FullFineTuning
 from ftforget.methods.schedule import paper_recipe
-
-TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8}
-TINY_ARGS = {"backbone": "vit_base_patch16_224", "backbone_kwargs": TINY_KWARGS}
+from tests.tiny import SHALLOW
 
 
 def worker_context() -> mp.context.ForkServerContext:
@@ -166,7 +164,7 @@ class KillAt(L.Callback):
 def tiny_model(cls: type = FullFineTuning, seed: int = 0, **kwargs: Any) -> L.LightningModule:
     """A tiny method with drop-path, so that training consumes the global RNG every step."""
     torch.manual_seed(seed)
-    args = {"backbone": "vit_base_patch16_224", "backbone_kwargs": {**TINY_KWARGS, "drop_path_rate": 0.1}}
+    args = {"backbone": "vit_base_patch16_224", "backbone_kwargs": {**SHALLOW, "drop_path_rate": 0.1}}
     return cls(num_classes=5, **paper_recipe(lr=0.05, warmup_steps=0), **args, **kwargs)
 
 
@@ -220,7 +218,7 @@ def knn_worker(rank: int, world: int, port: int, out_dir: str, configs: list[dic
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = build_backbone("vit_base_patch16_224", **TINY_KWARGS).eval()
+        model = build_backbone("vit_base_patch16_224", **SHALLOW).eval()
         results = []
         for cfg in configs:
             probe = SyntheticProbe(cfg["n_bank"], cfg["n_query"])

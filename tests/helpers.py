@@ -1,4 +1,4 @@
-"""Test-only callbacks, importable by name from CLI configs (tests/ is on the path)."""
+"""Test-only callbacks (importable by name from CLI configs, e.g. ``tests.helpers.LrRecorder``), data and trainers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class LrRecorder(L.Callback):
@@ -47,3 +48,37 @@ class DumpTrainable(L.Callback):
             {"state": state, "world_size": trainer.world_size, "step": trainer.global_step},
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
+
+
+class RandomImages(L.LightningDataModule):
+    """A fixed random classification task, for tests that need a Trainer but no real data."""
+
+    def __init__(self, n: int = 24, num_classes: int = 5, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, num_classes, (n,), generator=g)
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.probe = None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A CPU trainer that writes nothing but what a test asks for."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY
 
 from ftforget.adapters import (
     LoRALinear,
@@ -20,6 +19,7 @@ from ftforget.adapters import (
     unmerge_lora,
 )
 from ftforget.backbones import build_backbone
+from tests.tiny import TINY
 
 
 def _tiny(seed: int = 0, **kw):

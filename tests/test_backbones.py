@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
 from safetensors.torch import save_file
 
 from ftforget.backbones import CheckpointError, build_backbone, to_hf_vit_state_dict
+from tests.tiny import TINY
 
 
 def _tiny(seed: int = 0, **kw):

@@ -153,13 +153,13 @@ def test_resume_continues_step_count_and_schedule(tmp_path):
     common = [*tiny_overrides(tmp_path, steps=steps), "--lr_scheduler.init_args.warmup_steps", "2"]
 
     def fit(lr_log: Path, *extra: str):
-        record = ["--trainer.callbacks+=helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]
+        record = ["--trainer.callbacks+=tests.helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]
         return run_lightning(["fit", "--config", str(ROOT / "configs/full.yaml"), *common, *record, *extra])
 
     straight, interrupted, resumed = (tmp_path / f"{n}.jsonl" for n in ("straight", "interrupted", "resumed"))
     ckpt = tmp_path / "crash.ckpt"
     fit(straight)
-    fit(interrupted, "--trainer.callbacks+=helpers.StopAfter", "--trainer.callbacks.step", str(stop),
+    fit(interrupted, "--trainer.callbacks+=tests.helpers.StopAfter", "--trainer.callbacks.step", str(stop),
         "--trainer.callbacks.path", str(ckpt))  # fmt: skip
     cli = fit(resumed, "--ckpt_path", str(ckpt))
     assert cli.trainer.global_step == steps
@@ -217,7 +217,7 @@ def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
     out = tmp_path / "weights"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
     cmd = [
@@ -232,7 +232,7 @@ def test_two_process_cpu_ddp_keeps_trainable_weights_identical(tmp_path):
         "ddp",
         "--trainer.devices",
         "2",
-        "--trainer.callbacks+=helpers.DumpTrainable",
+        "--trainer.callbacks+=tests.helpers.DumpTrainable",
         "--trainer.callbacks.out_dir",
         str(out),
     ]

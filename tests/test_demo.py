@@ -17,13 +17,13 @@ from ftforget.commands import demo as demo_command
 from ftforget.commands import main as cli_main
 from ftforget.forgetting.config import eval_steps_until
 from ftforget.report import read_csv
+from tests.tiny import MINI
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
-TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "img_size": 16, "patch_size": 8}
 
 
 def tiny_settings(**changes: object) -> demo.PretrainSettings:
-    base = demo.PretrainSettings("vit_base_patch16_224", TINY, [0, 1, 2], 16, 0, steps=2, batch_size=8)
+    base = demo.PretrainSettings("vit_base_patch16_224", MINI, [0, 1, 2], 16, 0, steps=2, batch_size=8)
     return dataclasses.replace(base, **changes)
 
 
@@ -76,7 +76,7 @@ def test_pretraining_is_cached_by_its_settings(tmp_path: Path, monkeypatch: pyte
     assert path.is_file() and path.with_suffix(".json").is_file()
     state = torch.load(path, weights_only=True)
     # A timm-format state dict that the backbone factory loads strictly.
-    loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY).state_dict()
+    loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **MINI).state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
     def no_pretraining(settings: demo.PretrainSettings) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +24,7 @@ from ftforget.forgetting import (
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
 from ftforget.inference import measurement_mode
 from ftforget.methods import FullFineTuning, LinearProbing, LoRA
-
-sys.path.insert(0, str(Path(__file__).parent))
-from forgetting_helpers import (  # noqa: E402
+from tests.forgetting_helpers import (
     LossRecorder,
     SyntheticProbe,
     TinyData,

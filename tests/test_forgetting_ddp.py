@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,9 +14,7 @@ from ftforget.forgetting import ForgettingCallback
 from ftforget.forgetting.collectives import shard_range
 from ftforget.forgetting.config import KNNConfig
 from ftforget.methods import LinearProbing
-
-sys.path.insert(0, str(Path(__file__).parent))
-from forgetting_helpers import (  # noqa: E402
+from tests.forgetting_helpers import (
     RankReport,
     SyntheticProbe,
     TinyData,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +24,8 @@ from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods import FullFineTuning, LoRA
 from ftforget.methods.registry import load_method
 from ftforget.methods.schedule import paper_recipe
-
-sys.path.insert(0, str(Path(__file__).parent))
-from forgetting_helpers import TINY_KWARGS, TinyData, make_trainer  # noqa: E402
+from tests.forgetting_helpers import TinyData, make_trainer
+from tests.tiny import SHALLOW
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -202,7 +200,7 @@ def test_unreadable_image_names_the_file_when_loaded(tmp_path: Path) -> None:
     probe = tiny_probe(root)  # the structure is fine: setup passes without decoding 1.28M files
     with pytest.raises(UnreadableImageError, match=f"cannot read image file '{bad}'"):
         probe.bank_dataset()[2]
-    model = build_backbone("vit_base_patch16_224", **TINY_KWARGS).eval()
+    model = build_backbone("vit_base_patch16_224", **SHALLOW).eval()
     with pytest.raises(Exception, match=str(bad)):  # re-raised from a loader worker, file name intact
         extract_features(model, probe.bank_dataset(), 4, 1, torch.device("cpu"))
 
@@ -255,11 +253,11 @@ def _as_table(report: dict) -> dict:
 def test_measure_a_backbone_checkpoint(tmp_path: Path) -> None:
     make_tree(tmp_path / "imagenet")
     torch.manual_seed(0)
-    backbone = build_backbone("vit_base_patch16_224", **TINY_KWARGS)
+    backbone = build_backbone("vit_base_patch16_224", **SHALLOW)
     torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
     report = _measure(
         tmp_path, "--backbone", "vit_base_patch16_224", "--checkpoint", str(tmp_path / "backbone.pth"),
-        "--backbone_kwargs", json.dumps(TINY_KWARGS),
+        "--backbone_kwargs", json.dumps(SHALLOW),
     )  # fmt: skip
     assert report["num_queries"] == 6 and report["num_bank"] == 12 and report["probe"] == "imagenet1k"
     assert _as_table(report) == _direct(BackboneModel(backbone), tmp_path / "imagenet")
@@ -271,7 +269,7 @@ def test_measure_a_method_checkpoint_equals_the_live_model(tmp_path: Path, cls: 
     make_tree(tmp_path / "imagenet")
     torch.manual_seed(0)
     recipe = paper_recipe(lr=0.05, warmup_steps=0)
-    model = cls(num_classes=5, **recipe, backbone="vit_base_patch16_224", backbone_kwargs=TINY_KWARGS)
+    model = cls(num_classes=5, **recipe, backbone="vit_base_patch16_224", backbone_kwargs=SHALLOW)
     L.seed_everything(0)
     trainer = make_trainer(tmp_path, 2, [], logger=False)
     trainer.fit(model, datamodule=TinyData())

@@ -7,7 +7,6 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, TINY_ARGS, quiet_trainer
 
 from ftforget.methods import (
     BlockExpansion,
@@ -18,6 +17,8 @@ from ftforget.methods import (
     warmup_cosine,
 )
 from ftforget.methods.schedule import paper_recipe
+from tests.helpers import quiet_trainer
+from tests.tiny import TINY, TINY_ARGS
 
 # PAPER.md, "true trainable" column: DINO ViT-B/16 with a 100-class head.
 PAPER_COUNTS = [

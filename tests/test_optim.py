@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY_ARGS
-from test_cli import CONFIGS, ROOT, tiny_overrides
 
 from ftforget.backbones import build_backbone
 from ftforget.cli import run_lightning
@@ -22,6 +20,8 @@ from ftforget.methods.schedule import (
     build_optimizer,
     paper_recipe,
 )
+from tests.test_cli import CONFIGS, ROOT, tiny_overrides
+from tests.tiny import TINY_ARGS
 
 # The official recipe per table row (PAPER.md), as the configs held it before the optimiser moved to
 # --optimizer/--lr_scheduler: (peak lr, warmup steps) of SGD momentum 0.9, weight decay 0, 10,000 steps.
@@ -235,7 +235,7 @@ def test_demo_fit_with_adamw_from_the_command_line(tmp_path):
          "--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.001",
          "--trainer.max_steps", str(steps), "--trainer.callbacks.eval_at_steps=[0]",
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-         "--trainer.callbacks+=helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]
+         "--trainer.callbacks+=tests.helpers.LrRecorder", "--trainer.callbacks.path", str(lr_log)]
     )  # fmt: skip
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == steps

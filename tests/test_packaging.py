@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_cli import CONFIGS
 
 from ftforget import resources
+from tests.test_cli import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "ftforget" / "configs"

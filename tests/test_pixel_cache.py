@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 from ftforget.data.pixel_cache import PixelCacheDataset
 from ftforget.forgetting import KNNConfig, evaluate_probe
 from ftforget.inference import measurement_mode
-
-sys.path.insert(0, str(Path(__file__).parent))
-from forgetting_helpers import tiny_model  # noqa: E402
-from test_imagenet_probe import make_tree, tiny_probe  # noqa: E402
+from tests.forgetting_helpers import tiny_model
+from tests.test_imagenet_probe import make_tree, tiny_probe
 
 
 def test_cache_pixels_are_identical_to_the_jpeg_path(tmp_path: Path) -> None:

@@ -130,9 +130,10 @@ def test_runs_are_found_recursively_and_once(tmp_path: Path) -> None:
 
 def test_large_parameter_counts_are_exact_only_from_hparams(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path, "full", FULL)
-    TensorBoardLogger(save_dir=str(tmp_path), name="full", version=0).log_metrics(
-        {"params/trainable": 85_875_556}, step=1
-    )  # ViT-B/16 with a 100-class head: float32 rounds it to 85,875,552
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="full", version=0)
+    # ViT-B/16 with a 100-class head: float32 rounds it to 85,875,552
+    logger.log_metrics({"params/trainable": 85_875_556}, step=1)
+    logger.finalize("success")  # flushed now, not whenever the writer is garbage-collected
     (row,) = build_table([load_run(run_dir)])
     assert (row.trainable_params, row.params_exact) == (85_875_552, False)
     assert "| full fine-tuning | ≈85,875,552 |" in write_report([run_dir], tmp_path / "a").markdown
