@@ -95,3 +95,15 @@ def test_wheel_ships_the_configs(tmp_path):
         )
     assert found["paper"]["lora.yaml"]["model"]["class_path"] == "ftforget.methods.LoRA"
     assert found["demo"]["common.yaml"]["model"]["init_args"]["backbone_kwargs"]["depth"] == 4
+
+    # The installed console script runs the demo from an empty directory, with nothing of the clone.
+    script = target / "bin" / "ftforget"
+    assert script.is_file()
+    demo = subprocess.run(
+        [sys.executable, str(script), "demo", "--steps", "20"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "| full fine-tuning |" in demo.stdout and "| Block Expansion p=1 |" in demo.stdout
+    assert (empty / "runs" / "demo" / "report" / "forgetting_table.md").is_file()
+    assert str(target) not in demo.stdout  # the run's files are in the working directory, not the package

@@ -109,8 +109,10 @@ class DigitsProbe(ProbeData):
             return
         x, y = load_digit_images(self.digits, self.image_size)
         bank, queries = split_indices(y, [1.0 - self.query_fraction, self.query_fraction], self.split_seed)
-        self._bank = IndexedDataset(TensorDataset(x[bank], y[bank]))
-        self._queries = IndexedDataset(TensorDataset(x[queries], y[queries]))
+        self.bank_tensors = (x[bank], y[bank])
+        self.query_tensors = (x[queries], y[queries])
+        self._bank = IndexedDataset(TensorDataset(*self.bank_tensors))
+        self._queries = IndexedDataset(TensorDataset(*self.query_tensors))
 
     def bank_dataset(self) -> Dataset:
         self.setup()
@@ -168,4 +170,46 @@ class DigitsDataModule(FineTuneDataModule):
             "train": ShiftAugment(TensorDataset(x[train], y[train]), hp.max_shift),
             "val": TensorDataset(x[val], y[val]),
             "test": TensorDataset(x[test], y[test]),
+        }
+
+
+class DigitsBankDataModule(FineTuneDataModule):
+    """The miniature's pretraining task: classify the old digits of the probe's bank, the images the
+    probe's k-NN later searches (as DINO's backbone was pretrained on ImageNet-1k's train set).
+
+    Args:
+        digits: the old-domain digits.
+        image_size: side of the network input.
+        split_seed: seed of the probe's bank/query split (the same as the probe's).
+        batch_size: global batch size.
+        max_shift: random translation of training images, in pixels.
+    """
+
+    def __init__(
+        self,
+        digits: list[int] | None = None,
+        image_size: int = 32,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        max_shift: int = 2,
+    ) -> None:
+        super().__init__(batch_size, num_workers=0)
+        self.bank_probe = DigitsProbe(
+            list(OLD_DIGITS if digits is None else digits), image_size, split_seed=split_seed
+        )
+        self.num_classes = self.bank_probe.num_classes
+        self.max_shift = max_shift
+
+    def bank_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All bank images and labels, unaugmented."""
+        self.bank_probe.setup()
+        return self.bank_probe.bank_tensors
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        images, labels = self.bank_tensors()
+        queries = TensorDataset(*self.bank_probe.query_tensors)
+        return {
+            "train": ShiftAugment(TensorDataset(images, labels), self.max_shift),
+            "val": queries,
+            "test": queries,
         }
