@@ -7,10 +7,15 @@ LayerNorm (DINO's definition for k-NN evaluation). A timm ViT built with ``num_c
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -27,6 +32,59 @@ _PREFIXES = ("module.", "backbone.", "encoder.", "vit.", "model.")
 
 class CheckpointError(RuntimeError):
     """A local checkpoint could not be loaded into the backbone."""
+
+
+#: set while a Lightning checkpoint (resume, test) will overwrite every weight: nothing is loaded
+_RESTORED_LATER: ContextVar[bool] = ContextVar("ftforget_weights_restored_later", default=False)
+
+
+@contextmanager
+def weights_restored_later() -> Iterator[None]:
+    """Inside, :func:`build_backbone` loads no weights file and downloads nothing: a Lightning checkpoint
+    restores every weight afterwards (``ftforget fit --resume``, ``ftforget test``), so the original
+    weights file may be gone and the machine offline."""
+    token = _RESTORED_LATER.set(True)
+    try:
+        yield
+    finally:
+        _RESTORED_LATER.reset(token)
+
+
+def restored_later() -> bool:
+    """Whether :func:`weights_restored_later` is in effect."""
+    return _RESTORED_LATER.get()
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within ``timeout`` seconds.
+
+    Checked before a pretrained download: offline, huggingface_hub retries for about a minute before it
+    gives up, while a compute node without internet fails here at once (DNS) or after ``timeout``.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub reads only its local cache inside (its offline switch, read at call time)."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def build_backbone(
@@ -59,18 +117,25 @@ def build_backbone(
                 f"backbone_kwargs may not set {forbidden!r}: the backbone is always headless and its "
                 "feature is the CLS token after the final norm; the methods add their own head."
             )
+    if _RESTORED_LATER.get():
+        checkpoint, pretrained = None, False  # a Lightning checkpoint brings every weight
+    download = pretrained and checkpoint is None
     try:
-        model = timm.create_model(
-            name,
-            pretrained=pretrained and checkpoint is None,
-            num_classes=0,
-            global_pool="token",
-            **timm_overrides,
-        )
+        with nullcontext() if not download or hub_reachable() else _hub_offline():
+            model = timm.create_model(
+                name, pretrained=download, num_classes=0, global_pool="token", **timm_overrides
+            )
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"backbone={name!r} is not a timm model name ({err})") from err
         raise
+    except OSError as err:  # huggingface_hub: not in the local cache, and offline
+        raise CheckpointError(
+            f"model.init_args.pretrained=true: the weights of {name!r} are not in the local Hugging Face "
+            f"cache and the hub ({_hub_host()}) cannot be reached from this machine; download them where "
+            "there is internet and pass --model.init_args.checkpoint /path/to/weights "
+            "--model.init_args.pretrained false"
+        ) from err
     if not isinstance(model, VisionTransformer):
         raise ValueError(
             f"backbone={name!r} is a {type(model).__name__}; ftforget needs a timm VisionTransformer"

@@ -8,19 +8,25 @@ ftforget's own commands (``measure``, ``report``, ``demo``) live in :mod:`ftforg
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ftforget.backbones import weights_restored_later
 from ftforget.data.base import FineTuneDataModule
 from ftforget.methods.base import FineTuningModule
+from ftforget.methods.registry import MethodCheckpointError, checkpoint_method
 from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
 from ftforget.resources import defaults_config
+from ftforget.runs import RunError, expand_run_options, find_run_dir, resolve_checkpoint
 
 
 class FTForgetCLI(LightningCLI):
@@ -52,12 +58,95 @@ class FTForgetCLI(LightningCLI):
         for key in ("optimizer", "lr_scheduler"):
             parser.link_arguments(key, f"model.init_args.{key}", compute_fn=partial(resolve_spec, what=key))
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges a checkpoint's saved hyperparameters into the configuration here, importing the
+        class it names. ftforget does not: the user's configuration builds the model (a run's own
+        ``config.yaml`` via ``--run``/``--resume``), and :meth:`before_instantiate_classes` checks that the
+        checkpoint was saved by the same registered method, without importing anything it names."""
+
     def before_instantiate_classes(self) -> None:
+        if self.subcommand:
+            self._bind_to_run(self.config[self.subcommand])
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
         if trainer.precision is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             # bf16 autocast is the fast default on GPUs; --trainer.precision 32-true is the paper's fp32.
             trainer.precision = "bf16-mixed"
             rank_zero_info("trainer.precision not set: using bf16-mixed on this GPU (32-true for fp32)")
+
+    def _bind_to_run(self, config: Namespace) -> None:
+        """A stage with a checkpoint of a run (resume, test, validate) resolves ``best``/``last`` to the run's
+        files, logs into that run's own directory, keeps its ``config.yaml``, and builds the model without
+        loading or downloading weights (the checkpoint restores them all)."""
+        ckpt = config.get("ckpt_path")
+        self._restoring = ckpt is not None
+        self._ckpt_step = 0
+        needs_run = self.subcommand != "fit" or ckpt is not None
+        run_dir = find_run_dir(list(config.get("config") or []), ckpt) if needs_run else None
+        if ckpt in ("best", "last"):
+            config.ckpt_path = ckpt = str(resolve_checkpoint(run_dir, ckpt))
+        if ckpt is not None:
+            self._check_method(Path(ckpt), config)
+        if run_dir is None:
+            return
+        logger = config.trainer.get("logger")
+        if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            logger.init_args.save_dir = str(run_dir.parent.parent)
+            logger.init_args.name = run_dir.parent.name
+            logger.init_args.version = run_dir.name
+        self.save_config_callback = None  # the run's config.yaml stays the one that reproduces it
+
+    def _check_method(self, ckpt: Path, config: Namespace) -> None:
+        if not ckpt.is_file():
+            raise RunError(f"--ckpt_path {str(ckpt)!r} does not exist")
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            self._ckpt_step = int(state.get("global_step", 0))
+            saved = checkpoint_method(state)
+        except MethodCheckpointError:
+            return  # not written by an ftforget method: Lightning's strict loading reports any mismatch
+        except Exception as err:  # torch raises many types for a file that is not a checkpoint
+            raise RunError(
+                f"--ckpt_path {str(ckpt)!r} is not a readable Lightning checkpoint: {err}"
+            ) from None
+        class_path = str(config.model.get("class_path", ""))
+        if class_path.rsplit(".", 1)[-1] != saved.__name__:
+            raise RunError(
+                f"--ckpt_path {str(ckpt)!r} was saved by {saved.__name__}, but the configuration builds "
+                f"{class_path or 'another model'}: pass the run's own config (ftforget test --run RUN_DIR, "
+                "ftforget fit --resume RUN_DIR, or --config RUN_DIR/config.yaml)"
+            )
+
+    def _preflight(self, stage: str) -> None:
+        """The data module and the callbacks check their inputs before the trainer creates the run
+        directory: a failed start leaves nothing behind."""
+        check = getattr(self.datamodule, "check_inputs", None)
+        if callable(check):
+            check(stage)
+        for callback in self.trainer.callbacks:
+            check = getattr(callback, "check_inputs", None)
+            if callable(check):
+                check(self.datamodule, self.model, stage)
+
+    def before_fit(self) -> None:
+        self._preflight("fit")
+
+    def _log_at_checkpoint_step(self) -> None:
+        # Lightning restores only the weights for validate/test and logs at step 0; the run's curves need
+        # the result at the step the checkpoint was taken (Lightning's logging step counter, set once here).
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = getattr(self, "_ckpt_step", 0)
+
+    def before_validate(self) -> None:
+        self._preflight("validate")
+        self._log_at_checkpoint_step()
+
+    def before_test(self) -> None:
+        self._preflight("test")
+        self._log_at_checkpoint_step()
+
+    def instantiate_classes(self) -> None:
+        # A checkpoint restores every weight: build the backbone without its weights file or a download.
+        with weights_restored_later() if getattr(self, "_restoring", False) else nullcontext():
+            super().instantiate_classes()
 
 
 def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCLI:
@@ -73,6 +162,8 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCL
     """
     # The paper's shared recipe (backbone, steps, logger), read before any --config; with subcommands the
     # parser of each stage needs it.
+    if argv is not None and run:
+        argv = expand_run_options(list(argv))
     defaults = {"default_config_files": [str(defaults_config())]}
     parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
     return FTForgetCLI(

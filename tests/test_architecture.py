@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ftforget"
 ALLOWED: dict[str, set[str]] = {
     "inference": set(),
     "resources": set(),
+    "runs": set(),
     "backbones": set(),
     "adapters": set(),
     "data": set(),
     "methods": {"adapters", "backbones", "inference"},
     "forgetting": {"backbones", "inference", "data.probe"},
     "report": {"methods"},
-    "cli": {"data", "methods", "resources"},
+    "cli": {"backbones", "data", "methods", "resources", "runs"},
     "demo": {"backbones", "cli", "data", "forgetting", "methods", "report", "resources"},
     "commands": {
         "backbones",

@@ -177,22 +177,20 @@ def test_unknown_method_argument_is_named(tmp_path, capsys):
     assert "rank" in capsys.readouterr().err
 
 
-def test_missing_dataset_fails_before_training_naming_the_path(tmp_path):
+def test_missing_dataset_fails_before_training_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "no_cifar_here"
     args = tiny_overrides(tmp_path)
     args[args.index("--data") + 1] = "ftforget.data.CIFAR100DataModule"
-    with pytest.raises(FileNotFoundError, match="no_cifar_here"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/linear.yaml"),
-                *args,
-                "--data.init_args.root",
-                str(missing),
-            ]
-        )
-    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    code = main(
+        ["fit", "--config", str(ROOT / "configs/linear.yaml"), *args, "--data.init_args.root", str(missing)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("ftforget fit: error:")]
+    assert "no_cifar_here" in line and "--data.download true" in line
+    assert "Traceback" not in err
+    # Nothing was written: no run directory, no checkpoint.
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
 def test_wrong_backbone_checkpoint_is_named(tmp_path):

@@ -8,6 +8,7 @@ library functions and prints; this package is the only one that knows every othe
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ftforget.backbones import CheckpointError
@@ -20,23 +21,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 #: errors that mean bad input: their message names the option or file, a traceback would only hide it
+#: (``FTFORGET_DEBUG=1`` shows it anyway)
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
-        module = importlib.import_module(f"{__name__}.{COMMANDS[args[0]][0]}")
-        try:
-            return module.main(args[1:])
-        except USER_ERRORS as err:
-            sys.stderr.write(f"ftforget {args[0]}: error: {err}\n")
-            return 2
     if args and args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items())
         sys.stdout.write(f"ftforget commands beside Lightning's fit/validate/test/predict:\n{extra}\n\n")
-    from ftforget.cli import run_lightning
+    try:
+        if args and args[0] in COMMANDS:
+            return importlib.import_module(f"{__name__}.{COMMANDS[args[0]][0]}").main(args[1:])
+        from ftforget.cli import run_lightning
 
-    run_lightning(args)
-    return 0
+        run_lightning(args)
+        return 0
+    except USER_ERRORS as err:
+        if os.environ.get("FTFORGET_DEBUG"):
+            raise
+        name = args[0] if args else "ftforget"
+        message = " ".join(str(err).split())  # one line, whatever the exception's layout
+        sys.stderr.write(f"ftforget {name}: error: {message} (FTFORGET_DEBUG=1 shows the traceback)\n")
+        return 2

@@ -46,6 +46,12 @@ class FineTuneDataModule(L.LightningDataModule):
         if not self._datasets:
             self._datasets = self.build_datasets()
 
+    def check_inputs(self, stage: str) -> None:
+        """Checks the data before a stage starts (``ftforget fit`` calls it before the trainer writes anything):
+        a missing or corrupt dataset fails here, naming the option. Builds the datasets once."""
+        del stage  # every stage needs the same files
+        self.setup()
+
     def dataset(self, split: str) -> Dataset:
         """One split, after :meth:`setup`."""
         if not self._datasets:

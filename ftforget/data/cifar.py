@@ -99,6 +99,11 @@ class CIFAR100DataModule(FineTuneDataModule):
             datasets.CIFAR100(str(self.root), train=True, download=True)
             datasets.CIFAR100(str(self.root), train=False, download=True)
 
+    def check_inputs(self, stage: str) -> None:
+        if self.hparams.download:
+            return  # Lightning's prepare_data downloads it first (on one process per node)
+        super().check_inputs(stage)
+
     def _load(self, train: bool, transform: T.Compose) -> datasets.CIFAR100:
         try:
             return datasets.CIFAR100(str(self.root), train=train, transform=transform, download=False)

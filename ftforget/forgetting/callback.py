@@ -110,7 +110,19 @@ class ForgettingCallback(L.Callback):
         if stage != "fit":
             return
         self._reset_state()  # a resumed fit gets its state back from the checkpoint after setup
-        probe = self.probe if self.probe is not None else getattr(trainer.datamodule, "probe", None)
+        self.check_inputs(trainer.datamodule, pl_module, stage)
+
+    def check_inputs(
+        self, datamodule: L.LightningDataModule | None, pl_module: L.LightningModule, stage: str
+    ) -> None:
+        """Resolves and checks the probe of a ``stage`` (only ``fit`` measures); idempotent.
+
+        ``ftforget fit`` calls it before the trainer starts, so that a bad probe fails before anything is
+        written to the run directory; :meth:`setup` calls it again for trainers used from Python.
+        """
+        if stage != "fit":
+            return
+        probe = self.probe if self.probe is not None else getattr(datamodule, "probe", None)
         if probe is None:
             raise ValueError(
                 "ForgettingCallback has no probe: pass probe=... to the callback or use a data module with a "
@@ -127,9 +139,7 @@ class ForgettingCallback(L.Callback):
             raise ValueError(
                 f"ForgettingCallback: knn.k={max(self.config.ks)} exceeds the probe's bank size {n_bank}"
             )
-        if self.new_task_val and (
-            trainer.datamodule is None or not is_overridden("val_dataloader", trainer.datamodule)
-        ):
+        if self.new_task_val and (datamodule is None or not is_overridden("val_dataloader", datamodule)):
             raise ValueError(
                 "ForgettingCallback(new_task_val=True) needs trainer.datamodule.val_dataloader(); "
                 "set new_task_val=False to measure the probe only"

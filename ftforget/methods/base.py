@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim
+from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim, restored_later
 from ftforget.methods.schedule import (
     build_lr_scheduler,
     build_optimizer,
@@ -83,7 +83,7 @@ class FineTuningModule(L.LightningModule):
             resolve_spec(lr_scheduler, "lr_scheduler"),
         )
         check_optimization(optimizer, lr_scheduler)
-        if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        if checkpoint is not None and not restored_later() and not Path(checkpoint).expanduser().is_file():
             raise FileNotFoundError(f"model.checkpoint: backbone weights file {checkpoint!r} does not exist")
         self.save_hyperparameters()
         self.backbone = build_backbone(
@@ -207,6 +207,10 @@ class FineTuningModule(L.LightningModule):
             f"{type(self).__name__}: {trainable:,} trainable parameters of {total:,} "
             f"({100.0 * trainable / total:.3f}%)"
         )
+
+    def on_test_start(self) -> None:
+        # A test logs into the run's directory with a new logger, which rewrites hparams.yaml: keep the counts.
+        self.on_train_start()
 
     def on_train_start(self) -> None:
         trainable, total = self.parameter_counts()
