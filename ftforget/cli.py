@@ -26,7 +26,7 @@ from ftforget.methods.base import FineTuningModule
 from ftforget.methods.registry import MethodCheckpointError, checkpoint_method
 from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
 from ftforget.resources import defaults_config
-from ftforget.runs import RunError, expand_run_options, find_run_dir, resolve_checkpoint
+from ftforget.runs import RunError, append_test_result, expand_run_options, find_run_dir, resolve_checkpoint
 
 
 class FTForgetCLI(LightningCLI):
@@ -82,6 +82,7 @@ class FTForgetCLI(LightningCLI):
         self._ckpt_step = 0
         needs_run = self.subcommand != "fit" or ckpt is not None
         run_dir = find_run_dir(list(config.get("config") or []), ckpt) if needs_run else None
+        self._run_dir, self._ckpt_alias = run_dir, ckpt
         if ckpt in ("best", "last"):
             config.ckpt_path = ckpt = str(resolve_checkpoint(run_dir, ckpt))
         if ckpt is not None:
@@ -142,6 +143,17 @@ class FTForgetCLI(LightningCLI):
     def before_test(self) -> None:
         self._preflight("test")
         self._log_at_checkpoint_step()
+
+    def after_test(self) -> None:
+        """A test of a run's checkpoint is recorded in the run (``test_results.jsonl``): which checkpoint,
+        its step, and the metrics."""
+        run_dir = getattr(self, "_run_dir", None)
+        if run_dir is None or not self.trainer.is_global_zero:
+            return
+        ckpt = Path(self.config[self.subcommand].ckpt_path)
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        record = {"checkpoint": ckpt.name, "requested": self._ckpt_alias, "step": self._ckpt_step, **metrics}
+        append_test_result(run_dir, record)
 
     def instantiate_classes(self) -> None:
         # A checkpoint restores every weight: build the backbone without its weights file or a download.

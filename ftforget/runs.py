@@ -12,11 +12,14 @@ measurement find the run's own files and write into the same directory:
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
 
 CONFIG_FILE = "config.yaml"
+TEST_RESULTS = "test_results.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
@@ -147,3 +150,20 @@ def resolve_checkpoint(run_dir: Path | None, which: str) -> Path:
             f"--ckpt_path {which}: run {str(run_dir)!r} has no {which} checkpoint (its checkpoints: {existing})"
         )
     return candidate
+
+
+def append_test_result(run_dir: Path, record: dict) -> None:
+    """Appends one test's record to the run's ``test_results.jsonl`` (rewritten whole, then renamed)."""
+    path = run_dir / TEST_RESULTS
+    lines = path.read_text() if path.is_file() else ""
+    tmp = path.with_name(f".{TEST_RESULTS}.{os.getpid()}.tmp")
+    tmp.write_text(lines + json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def read_test_results(run_dir: Path) -> list[dict]:
+    """The run's test records, oldest first (none when it was never tested)."""
+    path = run_dir / TEST_RESULTS
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "forgetting": {"backbones", "inference", "data.probe"},
     "report": {"methods"},
     "cli": {"backbones", "data", "methods", "resources", "runs"},
-    "demo": {"backbones", "cli", "data", "forgetting", "methods", "report", "resources"},
+    "sweep": {"resources", "runs"},
+    "demo": {"backbones", "cli", "data", "forgetting", "methods", "report", "resources", "runs", "sweep"},
     "commands": {
         "backbones",
         "cli",

@@ -1,0 +1,215 @@
+"""Sweeps: a set of configs times seeds, each fitted, tested on its selected checkpoint, then reported.
+
+One run per (config, seed), in a directory the sweep names, ``<output>/<config name>/seed<seed>/``, so
+that a restarted sweep finds every run again and does only what is missing:
+
+- no run yet (or a start that died before its first checkpoint): ``ftforget fit``;
+- a run with a ``last.ckpt`` short of ``max_steps``: ``ftforget fit --resume``;
+- a trained run without a test of the requested checkpoint: ``ftforget test --run``;
+- a tested run: nothing.
+
+Runs go one after another in this process (:func:`run_sweep`), or one SLURM array task each
+(:func:`slurm_script`); :func:`plan_commands` prints what would run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ftforget.resources import config_dir, demo_config_dir
+from ftforget.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST, read_test_results
+
+#: the paper's ten rows, in its table order
+PAPER_CONFIGS = (
+    "full", "top3", "linear", "lora_r4", "lora", "lora_r16",
+    "block_expansion_p1", "block_expansion_p2", "block_expansion", "block_expansion_p4",
+)  # fmt: skip
+#: the demo's five methods, in the paper's order (each with ``common.yaml``)
+DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion")
+
+
+def preset(name: str) -> list[list[Path]]:
+    """The ``--config`` files of each run of a preset: ``paper`` (ten rows) or ``demo`` (five methods)."""
+    if name == "paper":
+        return [[config_dir() / f"{c}.yaml"] for c in PAPER_CONFIGS]
+    if name == "demo":
+        return [[demo_config_dir() / f"{m}.yaml", demo_config_dir() / "common.yaml"] for m in DEMO_METHODS]
+    raise ValueError(f"sweep preset {name!r}: choose 'paper' or 'demo', or give config files")
+
+
+@dataclass
+class SweepRun:
+    """One (config, seed) of a sweep.
+
+    Attributes:
+        name: the run's name (its first config's file name without ``.yaml``).
+        seed: ``seed_everything`` of the run.
+        configs: the ``--config`` files, applied in order.
+        output: the sweep's directory; the run lives in ``output/name/seed<seed>``.
+        extra: options for every fit after the configs (e.g. ``--trainer.max_steps 100``).
+        test_ckpt: the checkpoint the run is tested on: ``best`` (selected on validation) or ``last``.
+    """
+
+    name: str
+    seed: int
+    configs: list[Path]
+    output: Path
+    extra: list[str] = field(default_factory=list)
+    test_ckpt: str = "best"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output / self.name / f"seed{self.seed}"
+
+    def fit_args(self) -> list[str]:
+        configs = [a for c in self.configs for a in ("--config", str(c))]
+        logger = "--trainer.logger.init_args"
+        return [
+            "fit", *configs, "--seed_everything", str(self.seed),
+            f"{logger}.save_dir", str(self.output), f"{logger}.name", self.name, f"{logger}.version", f"seed{self.seed}",
+            *self.extra,
+        ]  # fmt: skip
+
+    def resume_args(self) -> list[str]:
+        return ["fit", "--resume", str(self.run_dir)]
+
+    def test_args(self) -> list[str]:
+        return ["test", "--run", str(self.run_dir), "--ckpt_path", self.test_ckpt]
+
+    def state(self) -> str:
+        """``new``, ``partial`` (resume it), ``trained`` (test it) or ``done``."""
+        last = self.run_dir / CHECKPOINT_DIR / LAST
+        if not (self.run_dir / CONFIG_FILE).is_file() or not last.is_file():
+            return "new"
+        max_steps = int(
+            (yaml.safe_load((self.run_dir / CONFIG_FILE).read_text()) or {})["trainer"]["max_steps"]
+        )
+        step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        if step < max_steps:
+            return "partial"
+        if not any(r.get("requested") == self.test_ckpt for r in read_test_results(self.run_dir)):
+            return "trained"
+        return "done"
+
+    def steps(self) -> list[list[str]]:
+        """The ``ftforget`` commands still needed, given the run's state."""
+        state = self.state()
+        if state == "done":
+            return []
+        if state == "trained":
+            return [self.test_args()]
+        return [self.resume_args() if state == "partial" else self.fit_args(), self.test_args()]
+
+
+def build_runs(
+    config_sets: Sequence[Sequence[Path]],
+    seeds: Sequence[int],
+    output: Path,
+    extra: Sequence[str] = (),
+    test_ckpt: str = "best",
+) -> list[SweepRun]:
+    """Every (config set, seed), config-major; names must be unique (the first config's stem)."""
+    if not seeds:
+        raise ValueError("sweep --seeds: at least one seed")
+    if test_ckpt not in ("best", "last"):
+        raise ValueError(f"sweep --test_ckpt {test_ckpt!r}: choose best or last")
+    names = [Path(configs[0]).stem for configs in config_sets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"sweep: two runs would share the name {duplicates}; give configs with distinct file names"
+        )
+    for configs in config_sets:
+        for config in configs:
+            if not Path(config).is_file():
+                raise FileNotFoundError(f"sweep: config file {str(config)!r} does not exist")
+    return [
+        SweepRun(name, seed, [Path(c) for c in configs], output, list(extra), test_ckpt)
+        for name, configs in zip(names, config_sets, strict=True)
+        for seed in seeds
+    ]
+
+
+def plan_commands(runs: Sequence[SweepRun]) -> list[str]:
+    """The shell commands a sweep would run now (``--dry-run``)."""
+    return [shlex.join(["ftforget", *args]) for run in runs for args in run.steps()]
+
+
+def run_sweep(
+    runs: Sequence[SweepRun],
+    stage: Callable[[list[str]], int],
+    say: Callable[[str], None] = lambda _: None,
+) -> list[Path]:
+    """Brings every run to ``done``, one after another; returns the run directories.
+
+    Args:
+        runs: the sweep.
+        stage: runs one ``ftforget`` command (its arguments) and returns its exit status.
+        say: progress lines.
+
+    Raises:
+        RuntimeError: a command failed (the sweep stops; run it again to go on from there).
+    """
+    for number, run in enumerate(runs, start=1):
+        state = run.state()
+        say(f"[{number}/{len(runs)}] {run.name} seed {run.seed}: {state}")
+        if state == "new" and run.run_dir.exists() and os.environ.get("SLURM_PROCID", "0") == "0":
+            shutil.rmtree(run.run_dir)  # a start that died before its first checkpoint: nothing to keep
+        for args in run.steps():
+            code = stage(args)
+            if code != 0:
+                raise RuntimeError(
+                    f"sweep: `{shlex.join(['ftforget', *args])}` failed with exit status {code}"
+                )
+    return [run.run_dir for run in runs]
+
+
+def slurm_script(
+    runs: Sequence[SweepRun],
+    sweep_args: Sequence[str],
+    gpus: int = 1,
+    time: str = "24:00:00",
+    setup: str = "",
+) -> str:
+    """A SLURM job array with one task per run; each task brings its run to ``done``.
+
+    Each task runs ``ftforget sweep <sweep_args> --task $SLURM_ARRAY_TASK_ID`` under ``srun``, with one
+    process per GPU (Lightning reads the rank layout from SLURM). ``--requeue`` and ``--signal`` let
+    Lightning checkpoint before a preemption or the time limit and requeue the task, which then resumes.
+
+    Args:
+        runs: the sweep (its length is the array size).
+        sweep_args: the ``ftforget sweep`` arguments that rebuild this sweep.
+        gpus: GPUs (and processes) per task; the fit's ``--trainer.devices`` must match.
+        time: the time limit of a task.
+        setup: shell lines run before the task (e.g. activating a virtual environment).
+    """
+    output = runs[0].output if runs else Path("runs")
+    command = shlex.join(["ftforget", "sweep", *sweep_args, "--task"]) + " $SLURM_ARRAY_TASK_ID"
+    lines = [
+        "#!/bin/bash",
+        "#SBATCH --job-name=ftforget-sweep",
+        f"#SBATCH --array=0-{len(runs) - 1}",
+        "#SBATCH --nodes=1",
+        f"#SBATCH --ntasks-per-node={gpus}",
+        f"#SBATCH --gpus-per-node={gpus}",
+        f"#SBATCH --time={time}",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=SIGUSR1@90",
+        f"#SBATCH --output={output}/slurm-%A_%a.out",
+        "# One task per run; task i is:",
+        *(f"#   {i}: {run.name} seed {run.seed} -> {run.run_dir}" for i, run in enumerate(runs)),
+        "set -euo pipefail",
+        *([setup] if setup else []),
+        f"srun {command}",
+        "",
+    ]
+    return "\n".join(lines)
