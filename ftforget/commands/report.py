@@ -8,6 +8,9 @@ from pathlib import Path
 
 from ftforget.report import ReportError, write_report
 
+#: how to give a run its new-task test accuracy (``ftforget test`` on the run's best checkpoint)
+TEST_HINT = "ftforget test --run {run} --ckpt_path best"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -41,6 +44,8 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(report.markdown + "\n")
     for path in report.files:
         sys.stdout.write(f"wrote {path}\n")
+    for label, run in report.untested:
+        sys.stdout.write(f"hint: {label}: not tested on the new task; run {TEST_HINT.format(run=run)}\n")
     if report.skipped:
         names = "\n".join(f"  {path}" for path in report.skipped)
         sys.stderr.write(

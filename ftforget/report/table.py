@@ -1,19 +1,21 @@
-"""The paper-style table: one row per run, every number read from what the run logged.
+"""The paper-style table: one row per run or seed group, every number read from what the runs logged.
 
 Accuracies are the logged fractions, unchanged (the Markdown shows them as percentages); the drops are
 the ones the forgetting callback logged against its step-0 measurement, computed here only when a run
-did not log them.
+did not log them. A seed group's row holds the mean and the sample std of each run's values (its drops
+are the mean of each run's drops, not the drop of the mean curve).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections import Counter
+import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from ftforget.methods import registry
+from ftforget.report.groups import RunGroup, group_runs, method_label
 from ftforget.report.runs import ReportError, Run
 
 #: the step of the paper's claim ("loses over 70% ... after just 10 iterations")
@@ -22,51 +24,59 @@ EARLY_STEP = 10
 FLOAT32_EXACT_INT = 2**24
 
 
+#: the numeric columns that a seed group aggregates (mean, and sample std when two or more runs have them)
+AGGREGATED = (
+    "new_task_test_acc1",
+    "probe_acc_step0",
+    "probe_acc_step10",
+    "probe_acc_end",
+    "drop_abs",
+    "drop_rel",
+    "mean",
+)
+#: the Markdown cell of a row without a new-task test accuracy (and of its mean)
+NOT_TESTED = "— (not tested)"
+
+
 @dataclass
 class Row:
-    """One run's line of the table; fractions in [0, 1], None where the run did not log the value."""
+    """One row of the table: a run, or the mean of a seed group; fractions in [0, 1], None where missing.
+
+    For a seed group (:mod:`~ftforget.report.groups`) every value of :data:`AGGREGATED` is the mean over
+    the runs that logged it and ``<name>_std`` its sample standard deviation (``ddof=1``), None unless at
+    least two runs logged it; a single run is a group of one (``n = 1``, no std). ``seeds`` and ``run``
+    list the group's seeds and run directories, joined by ``;``.
+    """
 
     method: str
+    n: int
     trainable_params: int | None
     params_exact: bool
     new_task_test_acc1: float | None
+    new_task_test_acc1_std: float | None
+    tested: int
     probe_acc_step0: float | None
+    probe_acc_step0_std: float | None
     probe_acc_step10: float | None
+    probe_acc_step10_std: float | None
     probe_acc_end: float
+    probe_acc_end_std: float | None
     end_step: int
     drop_abs: float | None
+    drop_abs_std: float | None
     drop_rel: float | None
+    drop_rel_std: float | None
     mean: float | None
+    mean_std: float | None
     probe: str
     k: int | None
+    seeds: str
     run: str
 
 
-def _model_config(run: Run) -> tuple[str, dict]:
-    model = run.config.get("model") or {}
-    if not isinstance(model, dict):
-        return "", {}
-    return str(model.get("class_path", "")), dict(model.get("init_args") or {})
-
-
-def method_label(run: Run) -> str:
-    """A readable method name from the run's ``config.yaml`` (e.g. ``LoRA r=4``), else the directory."""
-    class_path, init_args = _model_config(run)
-    return registry.method_label(class_path, init_args) if class_path else str(run.path)
-
-
-def _method_rank(run: Run) -> int:
-    return registry.method_rank(_model_config(run)[0])
-
-
 def run_labels(runs: list[Run]) -> dict[Path, str]:
-    """:func:`method_label` of each run, with ``(<name>/<version>)`` appended where two runs share one."""
-    labels = {run.path: method_label(run) for run in runs}
-    counts = Counter(labels.values())
-    return {
-        path: f"{label} ({path.parent.name}/{path.name})" if counts[label] > 1 else label
-        for path, label in labels.items()
-    }
+    """Each run's row label (:func:`~ftforget.report.groups.group_runs`): a seed group's runs share one."""
+    return {run.path: group.label for group in group_runs(runs) for run in group.runs}
 
 
 def trainable_params(run: Run) -> tuple[int | None, bool]:
@@ -85,8 +95,8 @@ def trainable_params(run: Run) -> tuple[int | None, bool]:
     return value, value < FLOAT32_EXACT_INT
 
 
-def summarize(run: Run, label: str | None = None) -> Row:
-    """The table row of one run, named ``label`` (default: :func:`method_label`).
+def _measured(run: Run) -> dict[str, Any]:
+    """The values of :data:`AGGREGATED` for one run, with its end step, probe and k.
 
     Raises:
         ReportError: the run has no forgetting measurement (naming its directory).
@@ -106,29 +116,73 @@ def summarize(run: Run, label: str | None = None) -> Row:
     drop_rel = run.logged_at("drop_rel", end_step)
     if drop_rel is None and start:
         drop_rel = (start - end) / start
-    params, params_exact = trainable_params(run)
     test = run.last("test/acc1")
     head = run.headline_measurements()
+    return {
+        "new_task_test_acc1": None if test is None else test[1],
+        "probe_acc_step0": start,
+        "probe_acc_step10": curve.get(EARLY_STEP),
+        "probe_acc_end": end,
+        "drop_abs": drop_abs,
+        "drop_rel": drop_rel,
+        "mean": None if test is None else (test[1] + end) / 2.0,
+        "end_step": end_step,
+        "probe": str(head[0].get("probe", "")) if head else "",
+        "k": int(head[0]["k"]) if head else None,
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation (``ddof=1``) of ``values``; the std is None for fewer
+    than two values, both are None for none. The mean of one value is that value, exactly."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def summarize_group(group: RunGroup) -> Row:
+    """The table row of a seed group (or of a single run, a group of one).
+
+    Raises:
+        ReportError: a run has no forgetting measurement (naming its directory).
+    """
+    measured = [_measured(run) for run in group.runs]
+    stats: dict[str, Any] = {}
+    for name in AGGREGATED:
+        values = [m[name] for m in measured if m[name] is not None]
+        stats[name], stats[f"{name}_std"] = mean_std(values)
+    counts = {trainable_params(run) for run in group.runs}
+    params, params_exact = counts.pop() if len(counts) == 1 else (None, True)
+    first = measured[0]
     return Row(
-        method=method_label(run) if label is None else label,
+        method=group.label,
+        n=group.n,
         trainable_params=params,
         params_exact=params_exact,
-        new_task_test_acc1=None if test is None else test[1],
-        probe_acc_step0=start,
-        probe_acc_step10=curve.get(EARLY_STEP),
-        probe_acc_end=end,
-        end_step=end_step,
-        drop_abs=drop_abs,
-        drop_rel=drop_rel,
-        mean=None if test is None else (test[1] + end) / 2.0,
-        probe=str(head[0].get("probe", "")) if head else "",
-        k=int(head[0]["k"]) if head else None,
-        run=str(run.path),
+        tested=sum(m["new_task_test_acc1"] is not None for m in measured),
+        end_step=max(m["end_step"] for m in measured),
+        probe=first["probe"],
+        k=first["k"],
+        seeds=";".join("" if s is None else str(s) for s in group.seeds),
+        run=";".join(str(p) for p in group.paths),
+        **stats,
     )
 
 
+def summarize(run: Run, label: str | None = None) -> Row:
+    """The table row of one run, named ``label`` (default: :func:`~ftforget.report.groups.method_label`).
+
+    Raises:
+        ReportError: the run has no forgetting measurement (naming its directory).
+    """
+    return summarize_group(RunGroup([run], method_label(run) if label is None else label))
+
+
 def build_table(runs: list[Run]) -> list[Row]:
-    """Rows of all ``runs`` in the paper's method order (then by label and path).
+    """Rows of all ``runs``, seed groups collapsed into one row each, in the paper's method order (then
+    by label and directory).
 
     Raises:
         ReportError: a run has no forgetting measurements; the message names every such directory.
@@ -140,13 +194,7 @@ def build_table(runs: list[Run]) -> list[Row]:
             f"{len(missing)} run(s) have no forgetting measurements (no 'forgetting/knn_top1' in the event "
             f"files and no forgetting.jsonl):\n{names}"
         )
-    labels = run_labels(runs)
-    return [summarize(run, labels[run.path]) for run in in_table_order(runs)]
-
-
-def in_table_order(runs: list[Run]) -> list[Run]:
-    """``runs`` in the paper's method order, then by label and path: the order of rows and of colours."""
-    return sorted(runs, key=lambda r: (_method_rank(r), method_label(r), str(r.path)))
+    return [summarize_group(group) for group in group_runs(runs)]
 
 
 def _params(row: Row) -> str:
@@ -159,38 +207,62 @@ def _pct(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100.0 * value:.2f}"
 
 
+def _cell(row: Row, name: str) -> str:
+    """``97.21 ± 0.35`` (the std only where two or more runs logged the value), ``—`` where none did."""
+    value, std = getattr(row, name), getattr(row, f"{name}_std")
+    return _pct(value) + ("" if std is None or value is None else f" ± {_pct(std)}")
+
+
+def _tested_cell(row: Row, name: str) -> str:
+    """A cell that needs the new-task test accuracy: :data:`NOT_TESTED` when no run has one, and
+    ``(k of n tested)`` when only some of a group's runs have one."""
+    if row.tested == 0:
+        return NOT_TESTED
+    partial = f" ({row.tested} of {row.n} tested)" if row.tested < row.n else ""
+    return _cell(row, name) + partial
+
+
 def to_markdown(rows: list[Row]) -> str:
     """The table in Markdown, accuracies and drops in percent (drop_abs in points).
 
-    ``≈`` marks a parameter count that the event file's float32 may have rounded.
+    A seed group's cells show ``mean ± sample std`` and the column ``n`` (the number of seeds) is added
+    when some row has more than one run. ``≈`` marks a parameter count that the event file's float32 may
+    have rounded; :data:`NOT_TESTED` marks a row without a new-task test accuracy.
     """
     end_steps = {row.end_step for row in rows}
     # One shared last step goes in the header; otherwise each cell says its own.
     same_end = len(end_steps) == 1
     end_title = f"probe @{rows[0].end_step}" if same_end else "probe @end"
+    with_n = any(row.n > 1 for row in rows)
     header = [
-        "method", "trainable params", "new-task test acc", "probe @0", f"probe @{EARLY_STEP}",
-        end_title, "drop (points)", "drop (relative %)", "mean",
+        "method", *(["n"] if with_n else []), "trainable params", "new-task test acc", "probe @0",
+        f"probe @{EARLY_STEP}", end_title, "drop (points)", "drop (relative %)", "mean",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
             row.method,
+            *([str(row.n)] if with_n else []),
             _params(row),
-            _pct(row.new_task_test_acc1),
-            _pct(row.probe_acc_step0),
-            _pct(row.probe_acc_step10),
-            _pct(row.probe_acc_end) + ("" if same_end else f" (step {row.end_step})"),
-            _pct(row.drop_abs),
-            _pct(row.drop_rel),
-            _pct(row.mean),
+            _tested_cell(row, "new_task_test_acc1"),
+            _cell(row, "probe_acc_step0"),
+            _cell(row, "probe_acc_step10"),
+            _cell(row, "probe_acc_end") + ("" if same_end else f" (step {row.end_step})"),
+            _cell(row, "drop_abs"),
+            _cell(row, "drop_rel"),
+            _tested_cell(row, "mean"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    """The table with the exact logged values (fractions, full precision); empty cells where missing."""
+    """The table with the exact logged values (fractions, full precision); empty cells where missing.
+
+    A seed group's row holds each mean under the column's name, its sample std under ``<name>_std``
+    (empty for one run), the number of runs ``n``, of tested runs ``tested``, and the seeds and run
+    directories joined by ``;``.
+    """
     names = [f.name for f in fields(Row)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)

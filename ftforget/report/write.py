@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftforget.report.figures import save_figures
+from ftforget.report.groups import group_runs
 from ftforget.report.runs import Run, load_runs
 from ftforget.report.table import Row, build_table, to_markdown, write_csv
 
@@ -15,22 +16,38 @@ class Report:
     """What :func:`write_report` produced.
 
     Attributes:
-        rows: the table, one row per run with measurements.
-        markdown: the table as Markdown.
+        rows: the table, one row per run or seed group with measurements.
+        markdown: the table as Markdown, followed by the :attr:`notes` (as written to the file).
         files: the Markdown, CSV and PNG files written.
         skipped: runs left out because they have no forgetting measurement.
+        notes: one line per figure not written, saying why.
+        untested: ``(row label, run directory)`` of every run without a new-task test accuracy.
     """
 
     rows: list[Row]
     markdown: str
     files: list[Path]
     skipped: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    untested: list[tuple[str, Path]] = field(default_factory=list)
+
+
+def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
+    """``(row label, run directory)`` of each run without a new-task test accuracy, in the table's order."""
+    return [
+        (group.label, run.path)
+        for group in group_runs(runs)
+        for run in group.runs
+        if run.last("test/acc1") is None
+    ]
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     """Reads every run at or below ``run_dirs`` and writes ``forgetting_table.{md,csv}`` and the figures.
 
-    Runs without forgetting measurements are left out of the table and listed in ``Report.skipped``.
+    Runs that repeat a configuration with other seeds are one row (:mod:`~ftforget.report.groups`). Runs
+    without forgetting measurements are left out of the table and listed in ``Report.skipped``; a figure
+    with nothing to show is not written (a stale PNG of its name is removed) and a note says why.
 
     Raises:
         ReportError: a path does not exist or holds no run, or no run has measurements.
@@ -43,9 +60,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     rows = build_table(measured)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(rows)
     md_path, csv_path = out / "forgetting_table.md", out / "forgetting_table.csv"
-    md_path.write_text(markdown)
     write_csv(rows, csv_path)
-    figures = save_figures(measured, rows, out)
-    return Report(rows, markdown, [md_path, csv_path, *figures], skipped)
+    figures, notes = save_figures(measured, rows, out)
+    markdown = to_markdown(rows) + "".join(f"\n{note}\n" for note in notes)
+    md_path.write_text(markdown)
+    return Report(rows, markdown, [md_path, csv_path, *figures], skipped, notes, _untested(measured))
