@@ -8,6 +8,7 @@ ftforget's own commands (``measure``, ``report``, ``demo``) live in :mod:`ftforg
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -178,15 +179,18 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCL
         argv = expand_run_options(list(argv))
     defaults = {"default_config_files": [str(defaults_config())]}
     parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
-    return FTForgetCLI(
-        FineTuningModule,
-        FineTuneDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        parser_kwargs=parser_kwargs,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=argv,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # ftforget hands LightningCLI its (expanded) arguments on purpose, also when they came from sys.argv.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+        return FTForgetCLI(
+            FineTuningModule,
+            FineTuneDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            parser_kwargs=parser_kwargs,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=argv,
+            run=run,
+        )

@@ -2,10 +2,11 @@
 
 1. Pretrain a tiny ViT of timm's real architecture on the old digits (the probe's memory bank), once:
    the backbone is cached as a timm-format ``.pth`` keyed by every setting that shapes it.
-2. Fine-tune it on the new digits with every method, through the real CLI
-   (``ftforget fit --config configs/demo/<method>.yaml --config configs/demo/common.yaml``), while the
+2. Fine-tune it on the new digits with every method as a sweep (:mod:`ftforget.sweep`), through the real
+   CLI (``ftforget fit --config configs/demo/<method>.yaml --config configs/demo/common.yaml``), while the
    forgetting callback measures k-NN accuracy on the old digits at fixed steps; then test the final
-   weights on the new task in the same run directory.
+   weights (``ftforget test --run <run> --ckpt_path last``) in the same run directory. A demo run again
+   skips what is done and resumes what was interrupted.
 3. Write and print the report (:mod:`ftforget.report`) of exactly these runs.
 """
 
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ftforget.data.digits import DigitsBankDataModule
 from ftforget.forgetting.config import eval_steps_until
 from ftforget.methods import FullFineTuning
 from ftforget.methods.schedule import paper_recipe
+from ftforget.sweep import SweepRun, build_runs, run_sweep
 
 #: the methods in the paper's order; each is ``configs/demo/<name>.yaml``
 METHODS = ("full", "top1", "linear", "lora", "block_expansion")
@@ -122,28 +124,6 @@ def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
     return path
 
 
-def fine_tune(method: str, config_dir: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
-    """One ``ftforget fit`` of ``method`` then a test of its final weights; returns the run directory."""
-    from ftforget.cli import run_lightning
-
-    argv = [
-        "fit",
-        *("--config", str(config_dir / f"{method}.yaml"), "--config", str(config_dir / "common.yaml")),
-        *("--model.init_args.checkpoint", str(checkpoint)),
-        *("--trainer.max_steps", str(args.steps)),
-        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(args.steps))}",
-        *("--trainer.logger.init_args.save_dir", str(args.output)),
-        *("--seed_everything", str(args.seed)),
-    ]
-    with warnings.catch_warnings():
-        # LightningCLI warns when it is given args while sys.argv holds the demo's own options.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
-        cli = run_lightning(argv)
-    # The final weights, the ones the callback measured last: the row's two accuracies are of one model.
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    return Path(cli.trainer.log_dir)
-
-
 def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSettings:
     """Architecture and old domain from ``common.yaml`` (one source of truth), the rest from ``args``."""
     common = yaml.safe_load((config_dir / "common.yaml").read_text())
@@ -164,15 +144,36 @@ def _say(message: str) -> None:
     sys.stdout.flush()
 
 
-def run_demo(args: argparse.Namespace, methods: list[str], config_dir: Path) -> int:
-    """Pretrains (or reuses) the backbone, fine-tunes every method, writes and prints the report."""
+def demo_runs(
+    args: argparse.Namespace, methods: list[str], config_dir: Path, checkpoint: Path
+) -> list[SweepRun]:
+    """The demo as a sweep: each method's config with ``common.yaml``, the pretrained backbone, the step
+    count and the log-spaced eval steps; tested on the last checkpoint (the final weights, the ones the
+    callback measured last: a row's two accuracies are of one model)."""
+    extra = [
+        *("--model.init_args.checkpoint", str(checkpoint)),
+        *("--trainer.max_steps", str(args.steps)),
+        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(args.steps))}",
+    ]
+    config_sets = [[config_dir / f"{m}.yaml", config_dir / "common.yaml"] for m in methods]
+    return build_runs(config_sets, [args.seed], args.output, extra, test_ckpt="last")
+
+
+def run_demo(
+    args: argparse.Namespace, methods: list[str], config_dir: Path, stage: Callable[[list[str]], int]
+) -> int:
+    """Pretrains (or reuses) the backbone, runs the demo sweep, writes and prints the report.
+
+    Args:
+        args: the demo's options.
+        methods: names of configs in ``config_dir``.
+        config_dir: the demo's YAMLs.
+        stage: runs one ``ftforget`` command (fit, test) and returns its exit status.
+    """
     start = time.perf_counter()
     cache_dir = args.cache_dir or args.output / "pretrained"
     checkpoint = pretrained_backbone(pretrain_settings(config_dir, args), cache_dir)
-    run_dirs = []
-    for number, method in enumerate(methods, start=1):
-        _say(f"[{number}/{len(methods)}] fine-tuning: {method}, {args.steps} steps")
-        run_dirs.append(fine_tune(method, config_dir, checkpoint, args))
+    run_dirs = run_sweep(demo_runs(args, methods, config_dir, checkpoint), stage, _say)
     from ftforget.report import write_report
 
     report = write_report(run_dirs, args.output / "report")

@@ -45,6 +45,10 @@ def preset(name: str) -> list[list[Path]]:
     raise ValueError(f"sweep preset {name!r}: choose 'paper' or 'demo', or give config files")
 
 
+class SweepError(RuntimeError):
+    """A command of the sweep failed; the message names it (its own error was printed before)."""
+
+
 @dataclass
 class SweepRun:
     """One (config, seed) of a sweep.
@@ -156,7 +160,7 @@ def run_sweep(
         say: progress lines.
 
     Raises:
-        RuntimeError: a command failed (the sweep stops; run it again to go on from there).
+        SweepError: a command failed (the sweep stops; run it again to go on from there).
     """
     for number, run in enumerate(runs, start=1):
         state = run.state()

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ftforget.backbones import CheckpointError
+from ftforget.sweep import SweepError
 
 #: command -> (module in this package with ``main(argv) -> int``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 #: errors that mean bad input: their message names the option or file, a traceback would only hide it
 #: (``FTFORGET_DEBUG=1`` shows it anyway)
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, CheckpointError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, CheckpointError, SweepError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,8 @@ def main(argv: list[str]) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run_demo(args, methods, config_dir)
+        from ftforget.commands import main as stage
+
+        return run_demo(args, methods, config_dir, stage)
     finally:
         torch.set_num_threads(threads)  # main() may be called in a process that goes on (tests)
