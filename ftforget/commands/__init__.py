@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from ftforget.backbones import CheckpointError
+from ftforget.logging_setup import setup_console
 
 #: command -> (module in this package with ``main(argv) -> int``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +26,7 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, Che
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script; returns the exit status."""
+    setup_console()  # ftforget's INFO lines on rank 0, through tqdm.write; known noise silenced
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
         module = importlib.import_module(f"{__name__}.{COMMANDS[args[0]][0]}")
