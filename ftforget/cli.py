@@ -12,20 +12,27 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ftforget.backbones import weights_restored_later
+from ftforget.checkpointing import FTForgetCheckpoint
 from ftforget.data.base import FineTuneDataModule
+from ftforget.logging_setup import silence_known_noise
+from ftforget.machine import configure_threads
 from ftforget.methods.base import FineTuningModule
 from ftforget.methods.registry import MethodCheckpointError, checkpoint_method
 from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
+from ftforget.progress import with_default_progress_bar
 from ftforget.resources import defaults_config
 from ftforget.runs import RunError, append_test_result, expand_run_options, find_run_dir, resolve_checkpoint
 
@@ -35,7 +42,7 @@ class FTForgetCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FTForgetCheckpoint, "checkpoint")  # a crash: interrupted-step<N>.ckpt
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc1",
@@ -58,6 +65,8 @@ class FTForgetCLI(LightningCLI):
         parser.set_defaults({"optimizer": DEFAULT_OPTIMIZER, "lr_scheduler": DEFAULT_LR_SCHEDULER})
         for key in ("optimizer", "lr_scheduler"):
             parser.link_arguments(key, f"model.init_args.{key}", compute_fn=partial(resolve_spec, what=key))
+        parser.add_argument("--threads", type=PositiveInt | None, default=None,
+                            help="torch CPU threads (default: torch's on a GPU, half the cores on a CPU)")  # fmt: skip
 
     def _parse_ckpt_path(self) -> None:
         """Lightning merges a checkpoint's saved hyperparameters into the configuration here, importing the
@@ -69,6 +78,9 @@ class FTForgetCLI(LightningCLI):
         if self.subcommand:
             self._bind_to_run(self.config[self.subcommand])
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        threads = self.config[self.subcommand].threads if self.subcommand else self.config.threads
+        configure_threads(threads, trainer.accelerator)  # None: torch's on a GPU, half the cores on a CPU
+        silence_known_noise()  # Lightning's LeafSpec deprecation warning and litlogger tip
         if trainer.precision is None and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             # bf16 autocast is the fast default on GPUs; --trainer.precision 32-true is the paper's fp32.
             trainer.precision = "bf16-mixed"
@@ -160,6 +172,15 @@ class FTForgetCLI(LightningCLI):
         # A checkpoint restores every weight: build the backbone without its weights file or a download.
         with weights_restored_later() if getattr(self, "_restoring", False) else nullcontext():
             super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, with ftforget's step-counting bar where Lightning would add its default bar."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault(
+            "callbacks",
+            with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
+        )
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCLI:

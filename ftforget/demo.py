@@ -154,6 +154,7 @@ def demo_runs(
         *("--model.init_args.checkpoint", str(checkpoint)),
         *("--trainer.max_steps", str(args.steps)),
         f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(args.steps))}",
+        *("--threads", str(args.threads)),
     ]
     config_sets = [[config_dir / f"{m}.yaml", config_dir / "common.yaml"] for m in methods]
     return build_runs(config_sets, [args.seed], args.output, extra, test_ckpt="last")

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ftforget.backbones import CheckpointError
+from ftforget.logging_setup import setup_console
 from ftforget.sweep import SweepError
 
 #: command -> (module in this package with ``main(argv) -> int``, one-line description)
@@ -29,6 +30,7 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, Che
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script; returns the exit status."""
+    setup_console()  # ftforget's INFO lines on rank 0, through tqdm.write; known noise silenced
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items())

@@ -13,6 +13,7 @@ from torchvision.transforms import v2 as T
 from ftforget.data.base import FineTuneDataModule
 from ftforget.data.probe import ProbeData
 from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ftforget.machine import default_num_workers
 
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 
@@ -62,7 +63,8 @@ class CIFAR100DataModule(FineTuneDataModule):
         download: download CIFAR-100 into ``root`` if it is not there (needs internet access).
         batch_size: the global batch size; each of the ``world_size`` processes loads
             ``batch_size / world_size``.
-        num_workers: data-loading worker processes per training process.
+        num_workers: data-loading worker processes per training process (default: ``min(8, cores - 1)``,
+            :func:`~ftforget.machine.default_num_workers`).
         val_size: images held out of the 50,000 training images for validation and model selection
             (the test split is only used by ``ftforget test``).
         split_seed: seed of the held-out split.
@@ -80,7 +82,7 @@ class CIFAR100DataModule(FineTuneDataModule):
         root: str = "data/cifar100",
         download: bool = False,
         batch_size: int = 128,
-        num_workers: int = 4,
+        num_workers: int = default_num_workers(),  # noqa: B008 (evaluated once: the machine)
         val_size: int = 5000,
         split_seed: int = 0,
         image_size: int = 224,

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftforget.data.transforms import to_normalized_tensor
+from ftforget.machine import default_num_workers
+from ftforget.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +46,31 @@ def build_pixel_cache(
     """Decodes ``dataset`` (items ``(uint8 HWC tensor, label)``) once into ``prefix.u8`` / ``prefix.json``.
 
     Several processes may build the same cache at once: each writes a private temporary file and the
-    rename is atomic, so readers only ever see a complete cache.
+    rename is atomic, so readers only ever see a complete cache. Progress: a bar on rank 0's terminal
+    (:func:`~ftforget.progress.progress_bar`) and a log line every 20,000 images.
+
+    Args:
+        dataset: the decoded, cropped images in cache order.
+        labels: their labels.
+        crop_size: the side of each image.
+        prefix: the cache's path without suffix.
+        num_workers: decoding workers (None: :func:`~ftforget.machine.default_num_workers`).
     """
     prefix.parent.mkdir(parents=True, exist_ok=True)
     n = len(labels)
     tmp = prefix.parent / f".{prefix.name}.{os.getpid()}.u8"
     array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, crop_size, crop_size, 3))
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = default_num_workers() if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=False)
     start, cursor = time.perf_counter(), 0
-    for images, _ in loader:
-        array[cursor : cursor + len(images)] = images.numpy()
-        cursor += len(images)
-        if cursor % 20_000 < len(images):
-            log.info("pixel cache %s: %d / %d images (%.0f images/s)", prefix.name, cursor, n,
-                     cursor / (time.perf_counter() - start))  # fmt: skip
+    with progress_bar(n, f"pixel cache {prefix.name}") as bar:
+        for images, _ in loader:
+            array[cursor : cursor + len(images)] = images.numpy()
+            cursor += len(images)
+            bar.update(len(images))
+            if cursor % 20_000 < len(images):
+                log.info("pixel cache %s: %d / %d images (%.0f images/s)", prefix.name, cursor, n,
+                         cursor / (time.perf_counter() - start))  # fmt: skip
     if cursor != n:
         raise RuntimeError(f"pixel cache {str(prefix)!r}: decoded {cursor} images, expected {n}")
     array.flush()

@@ -14,6 +14,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from ftforget.forgetting.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_args
+from ftforget.machine import default_num_workers
 
 #: global steps the forgetting callback measures at by default; log-spaced, forgetting is fastest early
 DEFAULT_EVAL_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -41,7 +42,8 @@ class KNNConfig:
             reports 10, 100, 200).
         temperature: DINO's T in the vote weight ``exp(sim / T)``.
         batch_size: images per forward pass during feature extraction (per process).
-        num_workers: data-loading workers per process.
+        num_workers: data-loading workers per process (default: ``min(8, cores - 1)``,
+            :func:`~ftforget.machine.default_num_workers`).
         bank_dtype: storage of the bank and query features (``float32`` as DINO; ``float16`` halves the
             memory of a 1.28M-image bank).
         autocast_dtype: autocast dtype of the forward pass on CUDA (None: fp32); the CPU always runs fp32.
@@ -52,7 +54,7 @@ class KNNConfig:
     k: PositiveInt | list[PositiveInt] = field(default_factory=lambda: [DEFAULT_K])
     temperature: PositiveFloat = DEFAULT_TEMPERATURE
     batch_size: PositiveInt = 256
-    num_workers: NonNegativeInt = 4
+    num_workers: NonNegativeInt = field(default_factory=default_num_workers)
     bank_dtype: DTypeName = "float32"
     autocast_dtype: DTypeName | None = "bfloat16"
     query_chunk: PositiveInt = 1024

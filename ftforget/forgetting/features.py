@@ -19,6 +19,7 @@ from ftforget.forgetting.collectives import dist_info, shard_range
 from ftforget.forgetting.config import KNNConfig, to_dtype
 from ftforget.forgetting.knn import normalize
 from ftforget.inference import FeatureFn, autocast_context, iterate_features
+from ftforget.progress import progress_bar
 
 if TYPE_CHECKING:
     from ftforget.forgetting.cache import FeatureCache
@@ -61,11 +62,13 @@ def extract_features(
     device: torch.device,
     storage_dtype: torch.dtype = torch.float32,
     autocast_dtype: torch.dtype | None = None,
+    desc: str = "probe features",
 ) -> ShardFeatures:
     """L2-normalised features of this rank's shard of ``dataset``, kept on ``device``.
 
     Items are re-indexed by their position in ``dataset`` (:class:`IndexedDataset`), which is what the
-    de-duplication and the exactly-once check rely on.
+    de-duplication and the exactly-once check rely on. Rank 0 shows a progress bar named ``desc``
+    (:func:`~ftforget.progress.progress_bar`; it counts this rank's shard, the others run as fast).
     """
     loader = sharded_loader(IndexedDataset(dataset), batch_size, num_workers, device)
     n = len(loader.dataset)  # type: ignore[arg-type]
@@ -74,14 +77,16 @@ def extract_features(
     features: torch.Tensor | None = None
     pos = 0
     context = partial(autocast_context, device, autocast_dtype)
-    for out, (targets, idx) in iterate_features(feature_fn, loader, device, context):
-        out = normalize(out)
-        if features is None:  # the width is known after the first batch; preallocating avoids a 2x cat
-            features = torch.empty(n, out.shape[1], dtype=storage_dtype, device=device)
-        features[pos : pos + len(out)] = out.to(storage_dtype)
-        labels[pos : pos + len(out)] = torch.as_tensor(targets, device=device)
-        indices[pos : pos + len(out)] = torch.as_tensor(idx, device=device)
-        pos += len(out)
+    with progress_bar(n, desc) as bar:
+        for out, (targets, idx) in iterate_features(feature_fn, loader, device, context):
+            out = normalize(out)
+            if features is None:  # the width is known after the first batch; preallocating avoids a 2x cat
+                features = torch.empty(n, out.shape[1], dtype=storage_dtype, device=device)
+            features[pos : pos + len(out)] = out.to(storage_dtype)
+            labels[pos : pos + len(out)] = torch.as_tensor(targets, device=device)
+            indices[pos : pos + len(out)] = torch.as_tensor(idx, device=device)
+            pos += len(out)
+            bar.update(len(out))
     if features is None:
         features = torch.empty(0, 0, dtype=storage_dtype, device=device)
     return ShardFeatures(features, labels, indices)
@@ -115,6 +120,7 @@ def shard_features(
         device,
         storage_dtype=to_dtype(config.bank_dtype),  # type: ignore[arg-type]
         autocast_dtype=to_dtype(config.autocast_dtype),
+        desc=f"probe features ({part})",
     )
     if cache is not None and key is not None:
         cache.save(key, part, rank, world, shard)

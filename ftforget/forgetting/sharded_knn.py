@@ -13,6 +13,7 @@ import torch
 from ftforget.forgetting.collectives import all_gather_rows, dist_info
 from ftforget.forgetting.features import ShardFeatures
 from ftforget.forgetting.knn import count_correct, local_topk, merge_topk, predict_from_topk
+from ftforget.progress import progress_bar
 
 
 def gather_queries(local: ShardFeatures, expected: int) -> ShardFeatures:
@@ -48,22 +49,26 @@ def sharded_knn_counts(
 
     Every rank holds all queries and its own bank shard; per query chunk (the same chunks on every rank)
     each rank finds its local top-k, the candidates are all-gathered and merged, and every rank votes on
-    the merged top-k, so all ranks end with the same counts without a broadcast.
+    the merged top-k, so all ranks end with the same counts without a broadcast. Rank 0 shows the
+    queries done (:func:`~ftforget.progress.progress_bar`).
     """
     k_max = max(ks)
     _, world = dist_info()
     hits = {k: [0, 0] for k in ks}
-    for start in range(0, queries.features.shape[0], query_chunk):
-        q = queries.features[start : start + query_chunk].float()
-        sims, labels = local_topk(q, bank.features, bank.labels, k_max, bank_chunk)
-        if world > 1:
-            all_sims = all_gather_rows(sims[None]).flatten(0, 1).split(len(q))
-            all_labels = all_gather_rows(labels[None]).flatten(0, 1).split(len(q))
-            sims, labels = merge_topk(all_sims, all_labels, k_max)
-        preds = predict_from_topk(sims, labels, num_classes, ks, temperature)
-        targets = queries.labels[start : start + query_chunk]
-        for k, p in preds.items():
-            top1, top5 = count_correct(p, targets)
-            hits[k][0] += top1
-            hits[k][1] += top5
+    n = queries.features.shape[0]
+    with progress_bar(n, "k-NN", unit="query") as bar:
+        for start in range(0, n, query_chunk):
+            q = queries.features[start : start + query_chunk].float()
+            sims, labels = local_topk(q, bank.features, bank.labels, k_max, bank_chunk)
+            if world > 1:
+                all_sims = all_gather_rows(sims[None]).flatten(0, 1).split(len(q))
+                all_labels = all_gather_rows(labels[None]).flatten(0, 1).split(len(q))
+                sims, labels = merge_topk(all_sims, all_labels, k_max)
+            preds = predict_from_topk(sims, labels, num_classes, ks, temperature)
+            targets = queries.labels[start : start + query_chunk]
+            for k, p in preds.items():
+                top1, top5 = count_correct(p, targets)
+                hits[k][0] += top1
+                hits[k][1] += top5
+            bar.update(len(q))
     return {k: (h[0], h[1]) for k, h in hits.items()}
