@@ -85,6 +85,17 @@ def test_fit_crash_resume_test_report(tmp_path: Path, backbone: Path, monkeypatc
     )
     assert sorted(p.name for p in (tmp_path / "runs" / "full").iterdir()) == ["version_0"]
 
+    # 3b. A later measurement of the run's last checkpoint with the run's probe: recorded in the run, and
+    # equal to what the callback measured at that step.
+    argv = ["measure", "--run", str(run), "--probe", "DigitsProbe", "--knn.k", "20", "--knn.batch_size", "1024",
+            "--knn.num_workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    (measured,) = [json.loads(x) for x in (run / "measure_results.jsonl").read_text().splitlines()]
+    final = json.loads((run / "forgetting.jsonl").read_text().splitlines()[-1])
+    assert (measured["step"], measured["checkpoint"]) == (STEPS, "last.ckpt")
+    assert measured["results"] == [{"k": 20, "top1": final["top1"], "top5": final["top5"]}]
+    assert load_run(run).scalars["measure/digits-old/knn_top1_k20"] == {STEPS: pytest.approx(final["top1"])}
+
     # 4. The report: one row, with the new-task test accuracy, the mean and the probe columns.
     capsys.readouterr()
     assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0

@@ -11,6 +11,7 @@ the typed classes the callback uses (``--knn`` is :class:`~ftforget.forgetting.c
     ftforget measure --backbone vit_base_patch16_224.dino --checkpoint dino_vitbase16_pretrain.pth \\
         --probe.root /datasets/imagenet
     ftforget measure --ckpt_path last.ckpt --probe ftforget.data.digits.DigitsProbe --knn.batch_size 1024
+    ftforget measure --run runs/lora_r8/version_0 --ckpt_path best --probe.root /datasets/imagenet
 
 Under ``torchrun`` the bank is sharded over the processes, as in training.
 """
@@ -37,6 +38,7 @@ from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe
 from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods.registry import load_method
+from ftforget.runs import RunError, is_run_dir, resolve_checkpoint
 
 
 def build_parser() -> ArgumentParser:
@@ -47,6 +49,9 @@ def build_parser() -> ArgumentParser:
         env_prefix="FTFORGET_MEASURE",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_argument("--run", type=str | None, default=None,
+                        help="a run directory: measure its checkpoint (--ckpt_path best, last or a file; default "
+                        "last) and record the result in the run")  # fmt: skip
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint of an ftforget method")
     parser.add_argument(
         "--backbone", type=str | None, default=None, help="timm name of a backbone to measure"
@@ -67,13 +72,24 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _check_sources(cfg: Namespace) -> None:
+def _check_sources(cfg: Namespace) -> Path | None:
+    """Resolves ``--run`` (and its ``best``/``last``) into ``cfg.ckpt_path``; returns the run directory."""
+    run_dir = None
+    if cfg.run is not None:
+        run_dir = Path(cfg.run).expanduser()
+        if not is_run_dir(run_dir):
+            raise RunError(f"--run {str(run_dir)!r} is not a run directory (config.yaml and checkpoints/)")
+        which = cfg.ckpt_path or "last"
+        cfg.ckpt_path = str(resolve_checkpoint(run_dir, which) if which in ("best", "last") else Path(which))
+    elif cfg.ckpt_path in ("best", "last"):
+        raise RunError(f"--ckpt_path {cfg.ckpt_path}: which run? give --run RUN_DIR")
     if (cfg.ckpt_path is None) == (cfg.backbone is None):
         raise ValueError("give exactly one of --ckpt_path and --backbone")
     if cfg.ckpt_path is not None and (cfg.checkpoint or cfg.pretrained or cfg.backbone_kwargs):
         raise ValueError(
             "--checkpoint, --pretrained and --backbone_kwargs go with --backbone, not --ckpt_path"
         )
+    return run_dir
 
 
 def _check_output(output: str | None) -> Path | None:
@@ -128,6 +144,30 @@ def measure(
         return evaluate_probe(model.features, probe, knn, device, fingerprint=fingerprint, cache=cache)  # type: ignore[operator]
 
 
+MEASURE_RESULTS = "measure_results.jsonl"
+
+
+def record_in_run(run_dir: Path, ckpt: Path, report: dict) -> None:
+    """Appends the result to the run's ``measure_results.jsonl`` and logs ``measure/<probe>/knn_top1_k<k>``
+    (and top-5) at the checkpoint's step in the run's TensorBoard directory: beside the training curves,
+    under a tag of its own, since another probe or k-NN setting is not the curve the callback measured."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    record = {**report, "checkpoint": ckpt.name, "step": step}
+    path = run_dir / MEASURE_RESULTS
+    tmp = path.with_name(f".{MEASURE_RESULTS}.{os.getpid()}.tmp")
+    tmp.write_text((path.read_text() if path.is_file() else "") + json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    writer = SummaryWriter(str(run_dir))
+    try:
+        for row in report["results"]:
+            for metric in ("top1", "top5"):
+                writer.add_scalar(f"measure/{report['probe']}/knn_{metric}_k{row['k']}", row[metric], step)
+    finally:
+        writer.close()
+
+
 def main(argv: list[str]) -> int:
     """Runs ``ftforget measure``; returns the exit status."""
     parser = build_parser()
@@ -135,7 +175,7 @@ def main(argv: list[str]) -> int:
         cfg = parser.parse_args(argv)
     except Exception as err:  # jsonargparse reports bad options as ArgumentError; the message names the key
         raise ValueError(str(err).strip().replace("\n", " ")) from None
-    _check_sources(cfg)
+    run_dir = _check_sources(cfg)
     output = _check_output(cfg.output)
     init = parser.instantiate_classes(cfg)
     if cfg.ckpt_path is not None:
@@ -162,6 +202,9 @@ def main(argv: list[str]) -> int:
                 f"{source}: {init.probe.name} k-NN k={row['k']}: top-1 {100 * row['top1']:.2f}% ({top1}/{n}), "
                 f"top-5 {100 * row['top5']:.2f}% ({top5}/{n})\n"
             )
+        if run_dir is not None:
+            record_in_run(run_dir, Path(cfg.ckpt_path), report)
+            sys.stdout.write(f"recorded in {run_dir / MEASURE_RESULTS} and its TensorBoard events\n")
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             tmp = output.with_name(f".{output.name}.tmp")
