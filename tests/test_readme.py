@@ -1,0 +1,107 @@
+"""The README's commands, run as written on the digits miniature: the paper's configs with the miniature's
+data, backbone and step count appended, paths under a temporary ``runs/``."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ftforget.backbones import build_backbone
+from ftforget.commands import main
+from ftforget.report import read_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+DEMO = ROOT / "configs" / "demo"
+#: commands the miniature cannot run here, and why
+NOT_HERE = {"--trainer.devices 4": "four GPUs", "tensorboard": "a server"}
+
+
+def section(title: str) -> str:
+    start = README.index(f"## {title}")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def commands(text: str) -> list[list[str]]:
+    """``ftforget`` command lines of the fenced bash blocks in ``text``, comments dropped, continuations joined."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line.startswith("ftforget "):
+                found.append(shlex.split(line, comments=True)[1:])
+    return found
+
+
+def in_tmp(args: list[str], tmp: Path) -> list[str]:
+    """Repository paths made absolute, ``runs/`` moved under ``tmp``."""
+    out = []
+    for arg in args:
+        if arg.startswith("configs/"):
+            arg = str(ROOT / arg)
+        elif arg.startswith("runs"):
+            arg = str(tmp / arg)
+        out.append(arg)
+    return out
+
+
+@pytest.mark.slow
+def test_running_the_experiments_as_written(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone.pth"
+    kwargs = yaml.safe_load((DEMO / "common.yaml").read_text())["model"]["init_args"]["backbone_kwargs"]
+    torch.save(build_backbone("vit_base_patch16_224", **kwargs).state_dict(), backbone)
+    miniature = [
+        "--config", str(DEMO / "common.yaml"), "--model.init_args.checkpoint", str(backbone),
+        "--trainer.max_steps", "16", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.callbacks.eval_at_steps=[0, 5, 10, 16]", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    ran = []
+    for args in commands(section("Running the experiments")):
+        if any(marker in shlex.join(args) for marker in NOT_HERE):
+            continue
+        argv = in_tmp(args, tmp_path)
+        fresh_fit = argv[0] == "fit" and "--config" in argv and "configs" in argv[argv.index("--config") + 1]
+        if fresh_fit:
+            argv += miniature
+        if "--print_config" in argv:
+            argv.remove("--print_config")
+            argv.append("--print_config")  # after the miniature's options, so that it prints them
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            assert exit_info.value.code == 0
+        else:
+            assert main(argv) == 0, shlex.join(argv)
+        ran.append(args[0])
+        assert "Traceback" not in capsys.readouterr().err
+    assert ran == ["fit", "fit", "fit", "test", "test", "report", "fit"]
+    runs = tmp_path / "runs" / "lora_r8"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]  # the run, and its re-run
+    report = read_csv(tmp_path / "runs" / "report" / "forgetting_table.csv")
+    (row,) = [r for r in report if str(runs / "version_0") in r["run"]]
+    assert row["method"].startswith("LoRA r=8") and row["new_task_test_acc1"] not in ("", "None")
+
+
+def test_reproducing_the_table_commands_parse(tmp_path: Path, capsys) -> None:
+    sweeps = [c for c in commands(section("Reproducing the paper's table")) if c[0] == "sweep"]
+    assert len(sweeps) == 3
+    for args in sweeps:
+        argv = in_tmp(args, tmp_path)
+        if "--slurm" in argv:
+            argv[argv.index("--slurm") + 1] = str(tmp_path / "paper.sbatch")
+            assert main(argv) == 0
+            assert subprocess.run(["bash", "-n", str(tmp_path / "paper.sbatch")]).returncode == 0
+            assert "#SBATCH --array=0-29" in (tmp_path / "paper.sbatch").read_text()
+            continue
+        if "--dry-run" not in argv:  # the real sweep needs CIFAR-100 and ImageNet: plan it
+            argv.insert(argv.index("--"), "--dry-run")
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 10 * 3 * 2
