@@ -1,10 +1,10 @@
 """Seconds per training step: the demo's in-process fit against ``ftforget fit`` with the demo configs.
 
-``ftforget demo`` runs each fine-tuning in its own process with one torch thread (``--threads 1``); a user
+``ftforget demo`` runs each fine-tuning in its process with one torch thread (``--threads 1``); a user
 who reruns a row with ``ftforget fit --config configs/demo/<method>.yaml --config configs/demo/common.yaml``
 gets the CLI's thread count. This prints, side by side, seconds per step of
 
-1. the demo's fit (:func:`ftforget.demo.fine_tune` in this process, after ``torch.set_num_threads(1)``);
+1. the demo's fit (its sweep run, :func:`ftforget.demo.demo_runs`, in this process, ``--threads 1``);
 2. ``ftforget fit`` with the demo configs, in a fresh process, as shipped (``threads`` from common.yaml);
 3. the same with ``--threads T`` (T = torch's default here: what the CLI used before ``threads`` existed).
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ftforget.demo import fine_tune, pretrain_settings, pretrained_backbone
+from ftforget.commands import main as ftforget_main
+from ftforget.demo import demo_runs, pretrain_settings, pretrained_backbone
 from ftforget.forgetting.config import eval_steps_until
 from ftforget.machine import available_cores
 from ftforget.resources import demo_config_dir
@@ -50,14 +51,15 @@ def seconds_per_step(run_dir: Path) -> tuple[float, int]:
 
 
 def demo_fit(method: str, checkpoint: Path, steps: int, output: Path) -> Path:
-    """The demo's fit, in this process, with the demo's one thread; returns the run directory."""
-    args = argparse.Namespace(steps=steps, output=output, seed=0)
+    """The demo's fit of ``method`` (its sweep run, in this process, ``--threads 1``); the run directory."""
+    args = argparse.Namespace(steps=steps, output=output, seed=0, threads=1)
+    (run,) = demo_runs(args, [method], demo_config_dir(), checkpoint)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        return fine_tune(method, demo_config_dir(), checkpoint, args)
+        assert ftforget_main(run.fit_args()) == 0
     finally:
         torch.set_num_threads(threads)
+    return run.run_dir
 
 
 def cli_fit(method: str, checkpoint: Path, steps: int, output: Path, extra: list[str]) -> Path:
