@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"machine", "progress"},
     "methods": {"adapters", "backbones", "inference"},
     "forgetting": {"backbones", "inference", "data.probe", "machine", "progress"},
-    "report": {"methods"},
+    "report": {"methods", "runs"},
     "cli": {
         "backbones",
         "checkpointing",

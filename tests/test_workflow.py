@@ -96,7 +96,8 @@ def test_fit_crash_resume_test_report(tmp_path: Path, backbone: Path, monkeypatc
     assert measured["results"] == [{"k": 20, "top1": final["top1"], "top5": final["top5"]}]
     assert load_run(run).scalars["measure/digits-old/knn_top1_k20"] == {STEPS: pytest.approx(final["top1"])}
 
-    # 4. The report: one row, with the new-task test accuracy, the mean and the probe columns.
+    # 4. The report: one row, with the new-task test accuracy (of best, the checkpoint selected on validation,
+    # although last was tested too, at a later step), the mean and the probe columns.
     capsys.readouterr()
     assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
     rows = read_csv(tmp_path / "report" / "forgetting_table.csv")
@@ -104,6 +105,7 @@ def test_fit_crash_resume_test_report(tmp_path: Path, backbone: Path, monkeypatc
     (row,) = rows
     for column in ("new_task_test_acc1", "mean", "probe_acc_step0", "probe_acc_step10", "probe_acc_end"):
         assert row[column] not in ("", "None"), column
+    assert float(row["new_task_test_acc1"]) == load_run(run).scalars["test/acc1"][best_step]
 
     # 5. The run's config reproduces it: the same weights source, a new run directory.
     config = yaml.safe_load((run / "config.yaml").read_text())

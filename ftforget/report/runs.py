@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from ftforget.runs import read_test_results
+
 EVENT_GLOB = "events.out.tfevents.*"
 MEASUREMENT_FILE = "forgetting.jsonl"
 #: the headline k-NN curve the forgetting callback logs (its first k)
@@ -33,6 +35,7 @@ class Run:
         measurements: the lines of ``forgetting.jsonl``, in file order.
         config: the resolved LightningCLI ``config.yaml`` (empty when there is none).
         hparams: the logger's ``hparams.yaml`` (empty when there is none).
+        tests: the records of ``ftforget test`` on the run (``test_results.jsonl``), oldest first.
     """
 
     path: Path
@@ -40,6 +43,18 @@ class Run:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, Any] = field(default_factory=dict)
+    tests: list[dict[str, Any]] = field(default_factory=list)
+
+    def test_accuracy(self) -> float | None:
+        """The run's new-task test top-1: its latest recorded test of the checkpoint selected on validation
+        (``best``), else its latest recorded test, else the event files' ``test/acc1`` at the highest step
+        (a test in the fit's own process)."""
+        records = [r for r in self.tests if "test/acc1" in r]
+        if records:
+            best = [r for r in records if r.get("requested") == "best"]
+            return float((best or records)[-1]["test/acc1"])
+        last = self.last("test/acc1")
+        return None if last is None else last[1]
 
     def last(self, tag: str) -> tuple[int, float] | None:
         """The ``(step, value)`` of the highest step logged for ``tag``, or None."""
@@ -105,7 +120,7 @@ def load_run(path: str | Path) -> Run:
     """Reads the scalars, the measurement file and the config of one run directory."""
     path = Path(path)
     config, hparams = _read_yaml(path / "config.yaml"), _read_yaml(path / "hparams.yaml")
-    return Run(path, read_scalars(path), read_measurements(path), config, hparams)
+    return Run(path, read_scalars(path), read_measurements(path), config, hparams, read_test_results(path))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

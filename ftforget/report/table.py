@@ -116,16 +116,16 @@ def _measured(run: Run) -> dict[str, Any]:
     drop_rel = run.logged_at("drop_rel", end_step)
     if drop_rel is None and start:
         drop_rel = (start - end) / start
-    test = run.last("test/acc1")
+    test = run.test_accuracy()
     head = run.headline_measurements()
     return {
-        "new_task_test_acc1": None if test is None else test[1],
+        "new_task_test_acc1": test,
         "probe_acc_step0": start,
         "probe_acc_step10": curve.get(EARLY_STEP),
         "probe_acc_end": end,
         "drop_abs": drop_abs,
         "drop_rel": drop_rel,
-        "mean": None if test is None else (test[1] + end) / 2.0,
+        "mean": None if test is None else (test + end) / 2.0,
         "end_step": end_step,
         "probe": str(head[0].get("probe", "")) if head else "",
         "k": int(head[0]["k"]) if head else None,

@@ -38,7 +38,7 @@ def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
         (group.label, run.path)
         for group in group_runs(runs)
         for run in group.runs
-        if run.last("test/acc1") is None
+        if run.test_accuracy() is None
     ]
 
 
