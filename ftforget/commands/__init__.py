@@ -28,6 +28,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, CheckpointError, SweepError)
 
 
+def user_error(err: BaseException) -> BaseException:
+    """The error to show: jsonargparse wraps what a class raised while it was built (e.g. "Does not validate
+    against any of the Union subtypes ..."); the first of ftforget's own errors in the chain says it best."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    ours = [e for e in chain if type(e).__module__.startswith("ftforget.")]
+    wrapped = [e for e in chain[1:] if isinstance(e, USER_ERRORS)] if "Does not validate" in str(err) else []
+    return (ours or wrapped or [err])[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script; returns the exit status."""
     setup_console()  # ftforget's INFO lines on rank 0, through tqdm.write; known noise silenced
@@ -46,6 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FTFORGET_DEBUG"):
             raise
         name = args[0] if args else "ftforget"
-        message = " ".join(str(err).split())  # one line, whatever the exception's layout
+        message = " ".join(str(user_error(err)).split())  # one line, whatever the exception's layout
         sys.stderr.write(f"ftforget {name}: error: {message} (FTFORGET_DEBUG=1 shows the traceback)\n")
         return 2
