@@ -9,7 +9,8 @@ ftforget's own commands (``measure``, ``report``, ``demo``) live in :mod:`ftforg
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,20 @@ from ftforget.data.base import FineTuneDataModule
 from ftforget.logging_setup import silence_known_noise
 from ftforget.machine import configure_threads
 from ftforget.methods.base import FineTuningModule
-from ftforget.methods.registry import MethodCheckpointError, checkpoint_method
+from ftforget.methods.registry import MethodCheckpointError, checkpoint_method, checkpoint_names
 from ftforget.methods.schedule import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, resolve_spec
 from ftforget.progress import with_default_progress_bar
 from ftforget.resources import defaults_config
-from ftforget.runs import RunError, append_test_result, expand_run_options, find_run_dir, resolve_checkpoint
+from ftforget.runs import (
+    RunError,
+    append_test_result,
+    expand_run_options,
+    find_run_dir,
+    holds_run,
+    lock_run,
+    release_runs,
+    resolve_checkpoint,
+)
 
 
 class FTForgetCLI(LightningCLI):
@@ -114,14 +124,17 @@ class FTForgetCLI(LightningCLI):
             raise RunError(f"--ckpt_path {str(ckpt)!r} does not exist")
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-            self._ckpt_step = int(state.get("global_step", 0))
-            saved = checkpoint_method(state)
-        except MethodCheckpointError:
-            return  # not written by an ftforget method: Lightning's strict loading reports any mismatch
         except Exception as err:  # torch raises many types for a file that is not a checkpoint
             raise RunError(
                 f"--ckpt_path {str(ckpt)!r} is not a readable Lightning checkpoint: {err}"
             ) from None
+        self._ckpt_step = int(state.get("global_step", 0))
+        if not checkpoint_names(state):
+            return  # a plain Lightning checkpoint: its strict loading reports any mismatch
+        try:
+            saved = checkpoint_method(state)
+        except MethodCheckpointError as err:
+            raise RunError(f"--ckpt_path {str(ckpt)!r}: {err}") from None
         class_path = str(config.model.get("class_path", ""))
         if class_path.rsplit(".", 1)[-1] != saved.__name__:
             raise RunError(
@@ -141,8 +154,25 @@ class FTForgetCLI(LightningCLI):
             if callable(check):
                 check(self.datamodule, self.model, stage)
 
+    def _own_run_dir(self) -> None:
+        """This process becomes the run directory's one writer: a fresh fit refuses a directory that already
+        holds a run (``--resume`` is the way in), and a lock refuses a second process writing the same run."""
+        run_dir = getattr(self, "_run_dir", None)
+        if run_dir is None:
+            log_dir = self.trainer.log_dir
+            if log_dir is None or not self.trainer.loggers:
+                return
+            run_dir = Path(log_dir)
+            if holds_run(run_dir):
+                raise RunError(
+                    f"run directory {str(run_dir)!r} already holds a run: resume it with ftforget fit --resume "
+                    f"{run_dir}, or give the new run another --trainer.logger.init_args.version"
+                )
+        lock_run(run_dir)
+
     def before_fit(self) -> None:
         self._preflight("fit")
+        self._own_run_dir()
 
     def _log_at_checkpoint_step(self) -> None:
         # Lightning restores only the weights for validate/test and logs at step 0; the run's curves need
@@ -155,6 +185,7 @@ class FTForgetCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._preflight("test")
+        self._own_run_dir()
         self._log_at_checkpoint_step()
 
     def after_test(self) -> None:
@@ -183,6 +214,16 @@ class FTForgetCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+@contextmanager
+def _releasing_runs() -> Iterator[None]:
+    # A stage releases the run directories it locked when it ends, so that the next stage of the same
+    # process (a sweep's test after its fit) can take them.
+    try:
+        yield
+    finally:
+        release_runs()
+
+
 def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCLI:
     """Runs a Lightning stage (``fit``, ``validate``, ``test``, ``predict``).
 
@@ -200,7 +241,7 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCL
         argv = expand_run_options(list(argv))
     defaults = {"default_config_files": [str(defaults_config())]}
     parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _releasing_runs():
         # ftforget hands LightningCLI its (expanded) arguments on purpose, also when they came from sys.argv.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
         return FTForgetCLI(

@@ -167,3 +167,57 @@ def read_test_results(run_dir: Path) -> list[dict]:
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     )
+
+
+LOCK_FILE = ".ftforget.lock"
+_HELD: dict[Path, int] = {}
+
+
+def holds_run(path: Path) -> bool:
+    """Whether a directory already holds (part of) a run: a config, checkpoints, measurements or events."""
+    if not path.is_dir():
+        return False
+    markers = (CONFIG_FILE, CHECKPOINT_DIR, "forgetting.jsonl", TEST_RESULTS)
+    return any((path / m).exists() for m in markers) or any(path.glob("events.out.tfevents.*"))
+
+
+def is_first_process() -> bool:
+    """Whether this is the job's first process (rank 0 of torchrun, SLURM or Lightning's launcher), the one
+    that writes the run directory; every other process leaves the lock alone."""
+    return all(
+        int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    )
+
+
+def lock_run(run_dir: Path) -> None:
+    """Takes the run directory for this process (an exclusive ``flock`` on ``RUN_DIR/.ftforget.lock``,
+    released by :func:`release_runs` or when the process ends, even by SIGKILL).
+
+    Raises:
+        RunError: another process holds it; the message names the directory and that process.
+    """
+    if not is_first_process() or run_dir.resolve() in _HELD:
+        return
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunError(
+            f"run directory {str(run_dir)!r} is in use by another process (pid {holder}): one run directory has "
+            "one writer; wait for it to finish, or start a new run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[run_dir.resolve()] = fd
+
+
+def release_runs() -> None:
+    """Releases every run directory this process took with :func:`lock_run`."""
+    while _HELD:
+        _, fd = _HELD.popitem()
+        os.close(fd)  # closing the descriptor releases its flock

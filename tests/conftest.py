@@ -21,3 +21,20 @@ def tiny_args() -> dict:
 @pytest.fixture
 def random_images() -> RandomImages:
     return RandomImages()
+
+
+@pytest.fixture
+def backbone(tmp_path):
+    """A randomly initialised backbone of the demo's architecture, saved as a timm-format ``.pth``."""
+    from pathlib import Path
+
+    import yaml
+
+    from ftforget.backbones import build_backbone
+
+    common = Path(__file__).resolve().parent.parent / "configs" / "demo" / "common.yaml"
+    kwargs = yaml.safe_load(common.read_text())["model"]["init_args"]["backbone_kwargs"]
+    torch.manual_seed(0)
+    path = tmp_path / "backbone.pth"
+    torch.save(build_backbone("vit_base_patch16_224", **kwargs).state_dict(), path)
+    return path

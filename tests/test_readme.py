@@ -9,10 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from ftforget.backbones import build_backbone
 from ftforget.commands import main
 from ftforget.report import read_csv
 
@@ -53,11 +50,7 @@ def in_tmp(args: list[str], tmp: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_running_the_experiments_as_written(tmp_path: Path, capsys) -> None:
-    torch.manual_seed(0)
-    backbone = tmp_path / "backbone.pth"
-    kwargs = yaml.safe_load((DEMO / "common.yaml").read_text())["model"]["init_args"]["backbone_kwargs"]
-    torch.save(build_backbone("vit_base_patch16_224", **kwargs).state_dict(), backbone)
+def test_running_the_experiments_as_written(tmp_path: Path, backbone: Path, capsys) -> None:
     miniature = [
         "--config", str(DEMO / "common.yaml"), "--model.init_args.checkpoint", str(backbone),
         "--trainer.max_steps", "16", "--trainer.check_val_every_n_epoch", "1",

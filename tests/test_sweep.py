@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from ftforget.backbones import build_backbone
 from ftforget.commands import main
 from ftforget.report import read_csv
 from ftforget.resources import config_dir, demo_config_dir
@@ -118,13 +117,7 @@ def _sweep_cmd(out: Path, backbone: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    backbone = tmp_path / "backbone.pth"
-    kwargs = yaml.safe_load((demo_config_dir() / "common.yaml").read_text())["model"]["init_args"][
-        "backbone_kwargs"
-    ]
-    torch.save(build_backbone("vit_base_patch16_224", **kwargs).state_dict(), backbone)
+def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: Path, backbone: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FTFORGET_PROGRESS": "0"}
 
     whole = tmp_path / "whole"

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from ftforget.backbones import build_backbone
 from ftforget.commands import main
 from ftforget.data.digits import DigitsDataModule
 from ftforget.methods.base import FineTuningModule
@@ -40,15 +39,6 @@ def accuracy_on_test_split(ckpt: Path) -> float:
     x, y = data.dataset("test").tensors  # type: ignore[attr-defined]
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
-
-
-@pytest.fixture
-def backbone(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "backbone.pth"
-    kwargs = yaml.safe_load((DEMO / "common.yaml").read_text())["model"]["init_args"]["backbone_kwargs"]
-    torch.save(build_backbone("vit_base_patch16_224", **kwargs).state_dict(), path)
-    return path
 
 
 @pytest.mark.slow

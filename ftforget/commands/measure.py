@@ -38,7 +38,7 @@ from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe
 from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods.registry import load_method
-from ftforget.runs import RunError, is_run_dir, resolve_checkpoint
+from ftforget.runs import RunError, is_run_dir, lock_run, release_runs, resolve_checkpoint
 
 
 def build_parser() -> ArgumentParser:
@@ -203,7 +203,11 @@ def main(argv: list[str]) -> int:
                 f"top-5 {100 * row['top5']:.2f}% ({top5}/{n})\n"
             )
         if run_dir is not None:
-            record_in_run(run_dir, Path(cfg.ckpt_path), report)
+            lock_run(run_dir)  # one writer per run directory
+            try:
+                record_in_run(run_dir, Path(cfg.ckpt_path), report)
+            finally:
+                release_runs()
             sys.stdout.write(f"recorded in {run_dir / MEASURE_RESULTS} and its TensorBoard events\n")
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -48,15 +48,30 @@ def method_class(class_path: str) -> type[FineTuningModule]:
     return cls
 
 
+def checkpoint_names(checkpoint: dict[str, Any]) -> list[str]:
+    """The class names a loaded checkpoint carries: its ``ftforget_method`` entry and LightningCLI's
+    ``_class_path`` hyperparameter (either may be absent)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    names = [checkpoint.get(METHOD_KEY), hparams.get("_class_path") if isinstance(hparams, dict) else None]
+    return [str(n) for n in names if n]
+
+
 def checkpoint_method(checkpoint: dict[str, Any]) -> type[FineTuningModule]:
-    """The registered method a loaded checkpoint dict was saved by (its ``ftforget_method`` entry, else
-    LightningCLI's ``_class_path`` hyperparameter)."""
-    name = checkpoint.get(METHOD_KEY) or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-    if not name:
+    """The registered method a loaded checkpoint dict was saved by; every class name it carries must be a
+    registered method, and they must agree (checked by name: nothing is imported).
+
+    Raises:
+        MethodCheckpointError: no name, an unregistered one (named in the message), or two that disagree.
+    """
+    names = checkpoint_names(checkpoint)
+    if not names:
         raise MethodCheckpointError(
             "the checkpoint names no method (no 'ftforget_method' entry and no '_class_path' hyperparameter)"
         )
-    return method_class(str(name))
+    classes = {method_class(name) for name in names}
+    if len(classes) > 1:
+        raise MethodCheckpointError(f"the checkpoint names two different methods: {names}")
+    return classes.pop()
 
 
 def load_method(ckpt_path: str | os.PathLike[str], **overrides: Any) -> FineTuningModule:
