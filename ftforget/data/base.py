@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftforget.data.probe import ProbeData
+from ftforget.data.resumable import ResumableLoader, ResumableSampler, SeededItems, run_seed
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -89,16 +90,31 @@ class FineTuneDataModule(L.LightningDataModule):
         self._train_override = (dataset, in_memory)
 
     def train_dataloader(self) -> DataLoader:
-        if self._train_override is not None:
-            dataset, in_memory = self._train_override
-            return DataLoader(
-                dataset,
-                batch_size=self.per_device_batch_size(),
-                shuffle=True,
-                drop_last=True,
-                num_workers=0 if in_memory else self.num_workers,
-            )
-        return self.loader("train", shuffle=True)
+        """The training batches: an order drawn from ``(seed, epoch)``, augmentation seeded per sample, and a
+        mid-epoch resume that continues where the checkpoint left off (:mod:`ftforget.data.resumable`)."""
+        dataset, in_memory = self._train_override or (self.dataset("train"), False)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batch_size = self.per_device_batch_size()
+        seed = run_seed()
+        workers = 0 if in_memory else self.num_workers  # features in memory: workers would only add start-up
+        sampler = ResumableSampler(len(dataset), seed, batch_size, rank, world, self._done_batches)  # type: ignore[arg-type]
+        return ResumableLoader(
+            SeededItems(dataset),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _done_batches(self) -> int:
+        """Batches of the current epoch already trained: Lightning's restored progress on a mid-epoch resume,
+        0 when an epoch starts."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", shuffle=False)

@@ -7,12 +7,14 @@ trains (``set_trainable``); loop, loss, metrics, optimiser and schedule live her
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,6 +32,33 @@ from ftforget.methods.schedule import (
 
 #: the checkpoint entry naming the method class (a key of ``ftforget.methods.registry.METHODS``)
 METHOD_KEY = "ftforget_method"
+#: the checkpoint entry holding the random states at the time it was saved
+RNG_KEY = "ftforget_rng_states"
+
+
+def save_rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), ``random`` and NumPy states as tensors and plain python values."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+        "python": list(random.getstate()),  # (version, 625 ints, gauss_next): plain python values
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undoes :func:`save_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+
 
 __all__ = ["FineTuningModule", "warmup_cosine"]
 
@@ -195,11 +224,18 @@ class FineTuningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The registered method name: what ftforget.methods.registry rebuilds the checkpoint as.
         checkpoint[METHOD_KEY] = type(self).__name__
+        # Random states, so that a resume draws the dropout masks the uninterrupted fit would have drawn
+        # (plain types and tensors: checkpoints load with weights_only=True).
+        checkpoint[RNG_KEY] = save_rng_states()
         # The state dict holds every weight: a checkpoint must load where the pretrained weights file (or
         # the internet) is not. The original source stays in the run's hparams.yaml and config.yaml.
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             checkpoint["hyper_parameters"] = {**hparams, "checkpoint": None, "pretrained": False}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng_states(checkpoint[RNG_KEY])
 
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()

@@ -1,0 +1,104 @@
+"""Resume is exact on the CPU: a fit stopped between checkpoints and resumed from the last one trains on the
+same batches, with the same augmentation draws and random states, as the uninterrupted fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftforget.commands import main
+from ftforget.data.resumable import ResumableSampler, SeededItems
+from ftforget.methods.base import FineTuningModule
+from ftforget.report import load_run
+from tests.test_workflow import DEMO
+
+STEPS = 20  # 8 steps an epoch: the stop at step 11 is mid-epoch, the resume at 9 too
+
+
+def fit_argv(tmp_path: Path, backbone: Path, name: str, workers: int) -> list[str]:
+    return [
+        "fit", "--config", str(DEMO / "full.yaml"), "--config", str(DEMO / "common.yaml"),
+        "--model.init_args.checkpoint", str(backbone), "--model.init_args.backbone_kwargs.drop_rate", "0.1",
+        "--data.init_args.num_workers", str(workers),
+        "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", name,
+        f"--trainer.callbacks.eval_at_steps={json.dumps([0, 5, 10, 15, STEPS])}",
+        # a checkpoint every 3 steps, independent of validation: the resume point
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps", "3", "--trainer.callbacks.save_last", "true",
+        "--trainer.callbacks.dirpath", str(tmp_path / f"{name}_periodic"),
+    ]  # fmt: skip
+
+
+def losses(run: Path) -> dict[int, float]:
+    return load_run(run).scalars["train/loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_between_checkpoints_then_resume_is_bit_identical(
+    tmp_path: Path, backbone: Path, monkeypatch, workers: int
+) -> None:
+    assert main(fit_argv(tmp_path, backbone, "whole", workers)) == 0
+
+    def stop(self, outputs, batch, batch_idx) -> None:  # a crash at step 11: nothing saved after step 9
+        if self.trainer.global_step == 11:
+            raise RuntimeError("stopped at step 11")
+
+    monkeypatch.setattr(FineTuningModule, "on_train_batch_end", stop, raising=False)
+    argv = fit_argv(tmp_path, backbone, "cut", workers)
+    with pytest.raises(RuntimeError, match="stopped at step 11"):
+        main([*argv, "--checkpoint.save_on_exception", "false"])
+    monkeypatch.undo()
+    periodic = tmp_path / "cut_periodic" / "last.ckpt"
+    assert torch.load(periodic, weights_only=True)["global_step"] == 9
+    assert main([*argv, "--ckpt_path", str(periodic)]) == 0
+
+    whole = tmp_path / "runs" / "whole" / "version_0"
+    cut, resumed = (tmp_path / "runs" / "cut" / v for v in ("version_0", "version_1"))
+    expected = losses(whole)
+    assert sorted(expected) == list(range(1, STEPS + 1)) or sorted(expected) == list(range(0, STEPS))
+    got = {**losses(cut), **losses(resumed)}  # the resumed run re-trains steps 10-11 of the cut one
+    assert got == expected
+    line = lambda r: (r["step"], r["top1"], r["top5"], r["new_task_val_acc1"])  # noqa: E731
+    read = lambda run: [line(json.loads(x)) for x in (run / "forgetting.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(resumed) == read(whole)
+    final = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (whole, resumed)]
+    assert final[0]["global_step"] == final[1]["global_step"] == STEPS
+    assert final[0]["state_dict"].keys() == final[1]["state_dict"].keys()
+    for key, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][key]), key
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only_and_skips_done_batches() -> None:
+    def keys(epoch: int, done: int = 0, rank: int = 0, world: int = 1, seed: int = 0) -> list:
+        sampler = ResumableSampler(10, seed, 2, rank, world, lambda: done)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert keys(0) == keys(0) and keys(0) != keys(1) and keys(0) != keys(0, seed=1)
+    assert sorted(i for _, _, i in keys(3)) == list(range(10))
+    assert keys(2, done=3) == keys(2)[6:]  # three batches of two done: the epoch goes on from the seventh
+    shards = [keys(1, rank=r, world=3) for r in range(3)]  # 10 samples, 3 ranks: 3 each, one dropped
+    assert [len(s) for s in shards] == [3, 3, 3] and not set(shards[0]) & set(shards[1])
+
+
+def test_items_are_drawn_under_their_own_seed_and_leave_the_callers_state() -> None:
+    class Noisy:
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(3) + index
+
+    items = SeededItems(Noisy())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = items[(0, 1, 2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # another caller state: the item does not change
+    assert torch.equal(items[(0, 1, 2)], a)
+    assert not torch.equal(items[(0, 2, 2)], a) and not torch.equal(items[(1, 1, 2)], a)
