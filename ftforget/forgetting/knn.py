@@ -5,6 +5,11 @@ label with weight ``exp(sim / T)``. With the bank sharded across ranks, every ra
 own shard (:func:`local_topk`), the candidates of all shards are merged (:func:`merge_topk`), and the merged
 top-k vote (:func:`weighted_vote`). The global top-k is always inside the union of the shards' top-k, so the
 result does not depend on the sharding (ties at the k-th neighbour aside).
+
+On a CPU the search is bound by the similarity matmul, so the blocks are sized for the cache
+(:data:`DEFAULT_BANK_CHUNK` bank rows) and a block's top-k is only taken for the queries it can change:
+a query whose best similarity in the block does not beat its current k-th neighbour skips the block
+(one ``amax`` instead of a ``topk``). The result is the same as a top-k of every block, exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ import torch.nn.functional as F
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
+# Queries per similarity block in knn_predict.
+DEFAULT_QUERY_CHUNK = 1024
+# Bank rows per similarity block: a 1024 x 4096 float32 block (16 MiB) keeps the CPU matmul near its peak
+# and half the working memory of 65536-row blocks (benchmarks/bench_knn.py); GPUs prefer larger blocks.
+DEFAULT_BANK_CHUNK = 4096
 
 
 def check_knn_args(ks: Sequence[int], temperature: float, bank_size: int | None = None) -> list[int]:
@@ -48,7 +58,7 @@ def local_topk(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
     k: int,
-    bank_chunk: int = 65536,
+    bank_chunk: int = DEFAULT_BANK_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most similar bank rows of every query, chunk by chunk over the bank.
 
@@ -64,19 +74,99 @@ def local_topk(
         ``(sims, labels)``, both ``(Q, k)`` sorted by decreasing similarity. Where the bank has fewer than
         ``k`` rows the missing slots hold similarity ``-inf`` (vote weight 0) and label 0.
     """
+    return _blockwise_topk(queries, bank, bank_labels, k, bank_chunk, queries.shape[0], normalize_bank=False)
+
+
+def _blockwise_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    k: int,
+    bank_chunk: int,
+    query_chunk: int,
+    normalize_bank: bool,
+    prune: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_topk` over ``query_chunk x bank_chunk`` similarity blocks, bank chunks outermost.
+
+    Each bank chunk is upcast (and, with ``normalize_bank``, L2-normalised) once, so no full float32 copy
+    of the bank is ever made. Every query keeps a running top-k, updated block by block.
+
+    Args:
+        queries: L2-normalised queries ``(Q, D)``.
+        bank: bank features ``(N, D)``, any floating dtype.
+        bank_labels: ``(N,)`` labels.
+        k: neighbours to keep.
+        bank_chunk: bank rows per block.
+        query_chunk: queries per block (values below 1 mean one block, e.g. for zero queries).
+        normalize_bank: L2-normalise each bank chunk (as :func:`normalize` does for the whole bank).
+        prune: skip the top-k of a block for the queries it cannot change (a sync per block: the default
+            is on for CPU tensors only).
+
+    Returns:
+        ``(sims, labels)`` as :func:`local_topk`.
+    """
     if bank_chunk < 1:
         raise ValueError(f"bank_chunk must be >= 1, got {bank_chunk}")
-    q = queries.float()
-    best_sims = q.new_full((q.shape[0], k), float("-inf"))
-    best_labels = torch.zeros(q.shape[0], k, dtype=torch.long, device=q.device)
-    for start in range(0, bank.shape[0], bank_chunk):
+    q = queries.float().contiguous()
+    n_queries, n_bank = q.shape[0], bank.shape[0]
+    prune = q.device.type == "cpu" if prune is None else prune
+    best_sims = q.new_full((n_queries, k), float("-inf"))
+    best_labels = torch.zeros(n_queries, k, dtype=torch.long, device=q.device)
+    query_chunk = max(1, min(query_chunk, n_queries))
+    # One buffer for every similarity block (torch.mm writes into it), instead of an allocation per block.
+    buffer = q.new_empty(query_chunk * min(bank_chunk, n_bank))
+    for start in range(0, n_bank, bank_chunk):
         chunk = bank[start : start + bank_chunk].to(device=q.device, dtype=torch.float32)
-        sims = q @ chunk.T
-        kk = min(k, sims.shape[1])
-        top_sims, top_idx = sims.topk(kk, dim=1)
-        labels = bank_labels[start : start + bank_chunk].to(q.device)[top_idx]
-        best_sims, best_labels = merge_topk([best_sims, top_sims], [best_labels, labels], k)
+        if normalize_bank:
+            chunk = F.normalize(chunk, dim=1)
+        chunk_labels = bank_labels[start : start + bank_chunk].to(q.device)
+        for q_start in range(0, n_queries, query_chunk):
+            rows = q[q_start : q_start + query_chunk]
+            sims = buffer[: rows.shape[0] * chunk.shape[0]].view(rows.shape[0], chunk.shape[0])
+            torch.mm(rows, chunk.T, out=sims)
+            _update_topk(
+                best_sims[q_start : q_start + query_chunk],
+                best_labels[q_start : q_start + query_chunk],
+                sims,
+                chunk_labels,
+                prune,
+            )
     return best_sims, best_labels
+
+
+def _update_topk(
+    best_sims: torch.Tensor,
+    best_labels: torch.Tensor,
+    sims: torch.Tensor,
+    chunk_labels: torch.Tensor,
+    prune: bool,
+) -> None:
+    """Merges one similarity block ``(q, n)`` into the running top-k ``(q, k)``, in place.
+
+    With ``prune``, only the rows whose block maximum beats their current k-th similarity are merged: the
+    others' top-k cannot change (a tie with the k-th neighbour may go either way, as in any top-k).
+    """
+    k = best_sims.shape[1]
+    rows = None
+    if prune:
+        rows = (sims.amax(dim=1) > best_sims[:, -1]).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        if rows.numel() == sims.shape[0]:
+            rows = None
+        else:
+            sims = sims.index_select(0, rows)
+    top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+    old_sims = best_sims if rows is None else best_sims.index_select(0, rows)
+    old_labels = best_labels if rows is None else best_labels.index_select(0, rows)
+    new_sims, new_labels = merge_topk([old_sims, top_sims], [old_labels, chunk_labels[top_idx]], k)
+    if rows is None:
+        best_sims.copy_(new_sims)
+        best_labels.copy_(new_labels)
+    else:
+        best_sims.index_copy_(0, rows, new_sims)
+        best_labels.index_copy_(0, rows, new_labels)
 
 
 def merge_topk(
@@ -139,14 +229,17 @@ def knn_predict(
     num_classes: int,
     ks: Sequence[int] = (DEFAULT_K,),
     temperature: float = DEFAULT_TEMPERATURE,
-    query_chunk: int = 1024,
-    bank_chunk: int = 65536,
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    bank_chunk: int = DEFAULT_BANK_CHUNK,
 ) -> dict[int, torch.Tensor]:
     """Weighted k-NN predictions for every query against a whole (single-process) bank.
 
+    The bank is normalised chunk by chunk (no normalised copy of the whole bank is made, whatever its
+    dtype); the queries are normalised into one float32 copy.
+
     Args:
         queries: ``(Q, D)`` features (normalised here).
-        bank: ``(N, D)`` features (normalised here).
+        bank: ``(N, D)`` features (normalised here, per chunk).
         bank_labels: ``(N,)`` labels in ``[0, num_classes)``.
         num_classes: number of classes.
         ks: neighbour counts evaluated in one pass.
@@ -159,12 +252,15 @@ def knn_predict(
     """
     ks = check_knn_args(ks, temperature, bank_size=bank.shape[0])
     check_labels(bank_labels, num_classes, "bank")
-    bank = normalize(bank)
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    sims, labels = _blockwise_topk(
+        normalize(queries), bank, bank_labels, max(ks), bank_chunk, query_chunk, normalize_bank=True
+    )
     preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, queries.shape[0], query_chunk):
-        q = normalize(queries[start : start + query_chunk])
-        sims, labels = local_topk(q, bank, bank_labels, max(ks), bank_chunk)
-        for k, p in predict_from_topk(sims, labels, num_classes, ks, temperature).items():
+        rows = slice(start, start + query_chunk)
+        for k, p in predict_from_topk(sims[rows], labels[rows], num_classes, ks, temperature).items():
             preds[k].append(p)
     return {
         k: torch.cat(p)
