@@ -13,6 +13,7 @@ from ftforget.forgetting.knn import (
     DEFAULT_BANK_CHUNK,
     DEFAULT_QUERY_CHUNK,
     _blockwise_topk,
+    _onednn_linear,
     count_correct,
     knn_predict,
     local_topk,
@@ -104,6 +105,23 @@ def test_pruned_blocks_equal_a_topk_of_every_block(k: int, query_chunk: int, ban
     assert torch.isinf(pruned[0][:, 300:]).all() and (pruned[1][:, 300:] == 0).all()
     whole = (normalize(q).double() @ normalize(bank).double().T).topk(min(k, 300), dim=1)
     assert torch.allclose(pruned[0][:, :300].double(), whole.values, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("prune", [True, False])
+def test_onednn_blocks_match_float64_brute_force(prune: bool) -> None:
+    """The oneDNN matmul (the default for large CPU blocks) is float32-exact: same neighbours as torch.mm,
+    similarities within float32 rounding, the reference's predictions."""
+    g = torch.Generator().manual_seed(8)
+    q, bank = torch.randn(64, 32, generator=g), torch.randn(700, 32, generator=g)
+    labels = torch.randint(0, 10, (700,), generator=g)
+    args = (normalize(q), bank, labels, 20, 256, 64)
+    fast = _blockwise_topk(*args, normalize_bank=True, prune=prune, onednn=True)
+    plain = _blockwise_topk(*args, normalize_bank=True, prune=prune, onednn=False)
+    assert torch.allclose(fast[0], plain[0], rtol=0, atol=1e-6)
+    assert torch.equal(fast[1], plain[1])
+    for k, preds in predict_from_topk(*fast, 10, [1, 5, 20], 0.07).items():
+        assert_same_as_reference(preds, q, bank, labels, 10, k, 0.07)
 
 
 def test_bank_normalised_per_chunk_equals_normalised_bank() -> None:

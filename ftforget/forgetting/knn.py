@@ -6,15 +6,18 @@ own shard (:func:`local_topk`), the candidates of all shards are merged (:func:`
 top-k vote (:func:`weighted_vote`). The global top-k is always inside the union of the shards' top-k, so the
 result does not depend on the sharding (ties at the k-th neighbour aside).
 
-On a CPU the search is bound by the similarity matmul, so the blocks are sized for the cache
-(:data:`DEFAULT_BANK_CHUNK` bank rows) and a block's top-k is only taken for the queries it can change:
+On a CPU the search is bound by the similarity matmul. It runs through oneDNN's float32 linear where this
+torch has it (about twice the GFLOP/s of the BLAS behind ``torch.mm`` on AVX-512 AMD CPUs, which MKL runs
+with AVX2 code), with blocks sized for the cache (:data:`DEFAULT_BANK_CHUNK` bank rows), and a block's
+top-k is only taken for the queries it can change:
 a query whose best similarity in the block does not beat its current k-th neighbour skips the block
 (one ``amax`` instead of a ``topk``). The result is the same as a top-k of every block, exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,9 @@ DEFAULT_QUERY_CHUNK = 1024
 # Bank rows per similarity block: a 1024 x 4096 float32 block (16 MiB) keeps the CPU matmul near its peak
 # and half the working memory of 65536-row blocks (benchmarks/bench_knn.py); GPUs prefer larger blocks.
 DEFAULT_BANK_CHUNK = 4096
+# Smallest block (queries x bank rows x dim multiply-adds) worth oneDNN: below it, its per-call threading
+# costs more than the matmul (milliseconds for some tiny shapes), and torch.mm computes it.
+_ONEDNN_MIN_MACS = 1 << 24
 
 
 def check_knn_args(ks: Sequence[int], temperature: float, bank_size: int | None = None) -> list[int]:
@@ -86,6 +92,7 @@ def _blockwise_topk(
     query_chunk: int,
     normalize_bank: bool,
     prune: bool | None = None,
+    onednn: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`local_topk` over ``query_chunk x bank_chunk`` similarity blocks, bank chunks outermost.
 
@@ -102,6 +109,9 @@ def _blockwise_topk(
         normalize_bank: L2-normalise each bank chunk (as :func:`normalize` does for the whole bank).
         prune: skip the top-k of a block for the queries it cannot change (a sync per block: the default
             is on for CPU tensors only).
+        onednn: compute the blocks with oneDNN's linear instead of ``torch.mm``: True for every block,
+            False for none, None (default) for blocks of at least ``_ONEDNN_MIN_MACS``; only where
+            :func:`_onednn_linear` finds it, for CPU tensors without autograd.
 
     Returns:
         ``(sims, labels)`` as :func:`local_topk`.
@@ -110,12 +120,15 @@ def _blockwise_topk(
         raise ValueError(f"bank_chunk must be >= 1, got {bank_chunk}")
     q = queries.float().contiguous()
     n_queries, n_bank = q.shape[0], bank.shape[0]
-    prune = q.device.type == "cpu" if prune is None else prune
+    cpu = q.device.type == "cpu"
+    prune = cpu if prune is None else prune
+    linear = _onednn_linear() if cpu and not q.requires_grad and onednn is not False else None
+    if onednn and linear is None:
+        raise RuntimeError("oneDNN's float32 linear is not available for these tensors")
     best_sims = q.new_full((n_queries, k), float("-inf"))
     best_labels = torch.zeros(n_queries, k, dtype=torch.long, device=q.device)
     query_chunk = max(1, min(query_chunk, n_queries))
-    # One buffer for every similarity block (torch.mm writes into it), instead of an allocation per block.
-    buffer = q.new_empty(query_chunk * min(bank_chunk, n_bank))
+    buffer = None  # one buffer for every torch.mm similarity block, instead of an allocation per block
     for start in range(0, n_bank, bank_chunk):
         chunk = bank[start : start + bank_chunk].to(device=q.device, dtype=torch.float32)
         if normalize_bank:
@@ -123,8 +136,14 @@ def _blockwise_topk(
         chunk_labels = bank_labels[start : start + bank_chunk].to(q.device)
         for q_start in range(0, n_queries, query_chunk):
             rows = q[q_start : q_start + query_chunk]
-            sims = buffer[: rows.shape[0] * chunk.shape[0]].view(rows.shape[0], chunk.shape[0])
-            torch.mm(rows, chunk.T, out=sims)
+            macs = rows.shape[0] * chunk.shape[0] * chunk.shape[1]
+            if linear is not None and not chunk.requires_grad and (onednn or macs >= _ONEDNN_MIN_MACS):
+                sims = linear(rows, chunk.contiguous())
+            else:
+                if buffer is None:
+                    buffer = q.new_empty(query_chunk * min(bank_chunk, n_bank))
+                sims = buffer[: rows.shape[0] * chunk.shape[0]].view(rows.shape[0], chunk.shape[0])
+                torch.mm(rows, chunk.T, out=sims)
             _update_topk(
                 best_sims[q_start : q_start + query_chunk],
                 best_labels[q_start : q_start + query_chunk],
@@ -133,6 +152,27 @@ def _blockwise_topk(
                 prune,
             )
     return best_sims, best_labels
+
+
+@functools.cache
+def _onednn_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``(a, b) -> a @ b.T`` by oneDNN's float32 linear for CPU tensors, or None where this torch lacks it.
+
+    ``torch.ops.mkldnn._linear_pointwise`` is the op torch's compiler uses for CPU linears. Plain float32
+    arithmetic (unless ``torch.backends.mkldnn``'s fp32 precision is lowered on purpose, as for
+    ``torch.mm``); it is checked once against ``torch.mm`` here, and any failure means ``torch.mm``.
+    """
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return None
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(5, 64, generator=g), torch.randn(7, 64, generator=g)
+        if not torch.allclose(op(a, b, None, "none", [], ""), a @ b.T, rtol=1e-5, atol=1e-5):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda a, b: op(a, b, None, "none", [], "")
 
 
 def _update_topk(
