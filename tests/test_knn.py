@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from ftforget.forgetting.knn import (
     DEFAULT_BANK_CHUNK,
     DEFAULT_QUERY_CHUNK,
+    _above_threshold,
     _blockwise_topk,
     _onednn_linear,
     count_correct,
@@ -122,6 +123,17 @@ def test_onednn_blocks_match_float64_brute_force(prune: bool) -> None:
     assert torch.equal(fast[1], plain[1])
     for k, preds in predict_from_topk(*fast, 10, [1, 5, 20], 0.07).items():
         assert_same_as_reference(preds, q, bank, labels, 10, k, 0.07)
+
+
+def test_similarities_above_threshold_are_packed_left() -> None:
+    sims = torch.tensor([[0.5, 0.125, 0.75, 0.0], [0.25, 0.875, 0.375, 0.125], [0.0, 0.0, 0.0, 0.625]])
+    labels, thresholds = torch.tensor([7, 8, 9, 6]), torch.tensor([0.375, 0.1875, 0.5])
+    packed = _above_threshold(sims, thresholds, labels, k=3)
+    assert packed is not None
+    inf = float("-inf")
+    assert packed[0].tolist() == [[0.5, 0.75, inf], [0.25, 0.875, 0.375], [0.625, inf, inf]]
+    assert packed[1].tolist() == [[7, 9, 0], [7, 8, 9], [6, 0, 0]]
+    assert _above_threshold(sims, thresholds, labels, k=2) is None  # a row has 3 > k
 
 
 def test_bank_normalised_per_chunk_equals_normalised_bank() -> None:

@@ -184,29 +184,62 @@ def _update_topk(
 ) -> None:
     """Merges one similarity block ``(q, n)`` into the running top-k ``(q, k)``, in place.
 
-    With ``prune``, only the rows whose block maximum beats their current k-th similarity are merged: the
-    others' top-k cannot change (a tie with the k-th neighbour may go either way, as in any top-k).
+    With ``prune``, only the similarities above a row's current k-th one can enter its top-k (a tie with
+    the k-th neighbour may go either way, as in any top-k): rows whose block maximum does not beat it are
+    skipped, and where some rows are skipped and every other one has at most ``k`` such similarities,
+    only those are gathered and merged, without a top-k of the block's rows.
     """
     k = best_sims.shape[1]
     rows = None
     if prune:
-        rows = (sims.amax(dim=1) > best_sims[:, -1]).nonzero().squeeze(1)
+        thresholds = best_sims[:, -1]
+        rows = (sims.amax(dim=1) > thresholds).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         if rows.numel() == sims.shape[0]:
             rows = None
         else:
             sims = sims.index_select(0, rows)
-    top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+            thresholds = thresholds.index_select(0, rows)
     old_sims = best_sims if rows is None else best_sims.index_select(0, rows)
     old_labels = best_labels if rows is None else best_labels.index_select(0, rows)
-    new_sims, new_labels = merge_topk([old_sims, top_sims], [old_labels, chunk_labels[top_idx]], k)
+    # Where every row is hit, the block is an early one: most rows have more than k similarities above.
+    candidates = _above_threshold(sims, thresholds, chunk_labels, k) if rows is not None else None
+    if candidates is None:
+        top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+        candidates = top_sims, chunk_labels[top_idx]
+    new_sims, new_labels = merge_topk([old_sims, candidates[0]], [old_labels, candidates[1]], k)
     if rows is None:
         best_sims.copy_(new_sims)
         best_labels.copy_(new_labels)
     else:
         best_sims.index_copy_(0, rows, new_sims)
         best_labels.index_copy_(0, rows, new_labels)
+
+
+def _above_threshold(
+    sims: torch.Tensor, thresholds: torch.Tensor, chunk_labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every row's similarities above its threshold, packed left into ``(q, m)`` with their labels.
+
+    Returns None where some row has more than ``k`` of them, or has no k-th neighbour yet (threshold
+    ``-inf``): a top-k of the rows is then the cheaper way. Unused slots hold similarity ``-inf`` and label
+    0. After the first few blocks rows usually have a handful of such similarities, so this costs one
+    comparison pass and a few small gathers, where a top-k of a row copies and partially sorts it.
+    """
+    if bool(torch.isneginf(thresholds).any()):
+        return None
+    row, col = (sims > thresholds[:, None]).nonzero(as_tuple=True)  # row-major: a row's hits are adjacent
+    counts = torch.bincount(row, minlength=sims.shape[0])
+    width = int(counts.max())
+    if width > k:
+        return None
+    slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+    packed_sims = sims.new_full((sims.shape[0], width), float("-inf"))
+    packed_labels = torch.zeros(sims.shape[0], width, dtype=torch.long, device=sims.device)
+    packed_sims[row, slot] = sims[row, col]
+    packed_labels[row, slot] = chunk_labels[col]
+    return packed_sims, packed_labels
 
 
 def merge_topk(
