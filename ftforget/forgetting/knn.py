@@ -7,11 +7,12 @@ top-k vote (:func:`weighted_vote`). The global top-k is always inside the union 
 result does not depend on the sharding (ties at the k-th neighbour aside).
 
 On a CPU the search is bound by the similarity matmul. It runs through oneDNN's float32 linear where this
-torch has it (about twice the GFLOP/s of the BLAS behind ``torch.mm`` on AVX-512 AMD CPUs, which MKL runs
-with AVX2 code), with blocks sized for the cache (:data:`DEFAULT_BANK_CHUNK` bank rows), and a block's
-top-k is only taken for the queries it can change:
-a query whose best similarity in the block does not beat its current k-th neighbour skips the block
-(one ``amax`` instead of a ``topk``). The result is the same as a top-k of every block, exactly.
+torch has it (434 GFLOP/s against 193 for the MKL GEMM behind ``torch.mm`` on an AVX-512 AMD EPYC with 2
+cores, about the AVX-512 and AVX2 peaks), in cache-sized blocks of :data:`DEFAULT_BANK_CHUNK` bank rows, and most blocks cost
+little more than their matmul: a query whose best similarity in a block does not beat its current k-th
+neighbour skips the block (one ``amax``), and in later blocks only the few similarities above the k-th
+are gathered and merged instead of a ``topk`` of the query's row. The top-k is the same as a ``topk`` of
+every block, exactly (see benchmarks/bench_knn.py for the comparison with faiss-cpu and DINO's code).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 # Queries per similarity block in knn_predict.
 DEFAULT_QUERY_CHUNK = 1024
-# Bank rows per similarity block: a 1024 x 4096 float32 block (16 MiB) keeps the CPU matmul near its peak
-# and half the working memory of 65536-row blocks (benchmarks/bench_knn.py); GPUs prefer larger blocks.
+# Bank rows per similarity block: a 1024 x 4096 float32 block (16 MiB, against 256 MiB for 65536 rows)
+# keeps the CPU matmul near its peak (benchmarks/bench_knn.py). On a GPU, where every block costs a few
+# kernel launches, larger blocks are likely better (not measured yet).
 DEFAULT_BANK_CHUNK = 4096
 # Smallest block (queries x bank rows x dim multiply-adds) worth oneDNN: below it, its per-call threading
 # costs more than the matmul (milliseconds for some tiny shapes), and torch.mm computes it.
