@@ -131,10 +131,14 @@ def _blockwise_topk(
     best_labels = torch.zeros(n_queries, k, dtype=torch.long, device=q.device)
     query_chunk = max(1, min(query_chunk, n_queries))
     buffer = None  # one buffer for every torch.mm similarity block, instead of an allocation per block
+    staging = None
     for start in range(0, n_bank, bank_chunk):
-        chunk = bank[start : start + bank_chunk].to(device=q.device, dtype=torch.float32)
-        if normalize_bank:
-            chunk = F.normalize(chunk, dim=1)
+        chunk = bank[start : start + bank_chunk]
+        if normalize_bank or chunk.dtype != torch.float32 or chunk.device != q.device:
+            # Upcast and normalise into one reused buffer: a fresh allocation per chunk costs page faults.
+            if staging is None:
+                staging = q.new_empty(min(bank_chunk, n_bank), bank.shape[1])
+            chunk = _stage_chunk(chunk, staging[: chunk.shape[0]], normalize_bank)
         chunk_labels = bank_labels[start : start + bank_chunk].to(q.device)
         for q_start in range(0, n_queries, query_chunk):
             rows = q[q_start : q_start + query_chunk]
@@ -154,6 +158,17 @@ def _blockwise_topk(
                 prune,
             )
     return best_sims, best_labels
+
+
+def _stage_chunk(chunk: torch.Tensor, out: torch.Tensor, normalize_rows: bool) -> torch.Tensor:
+    """``chunk`` as float32 on ``out``'s device, written into ``out``; with ``normalize_rows``, L2-normalised
+    exactly as :func:`normalize` (``F.normalize`` of the float32 rows, bit for bit)."""
+    if not normalize_rows:
+        return out.copy_(chunk)
+    if chunk.dtype != torch.float32 or chunk.device != out.device:
+        chunk = out.copy_(chunk)
+    # F.normalize: x / x.norm(2, dim, keepdim=True).clamp_min(eps), eps=1e-12
+    return torch.div(chunk, chunk.norm(2, dim=1, keepdim=True).clamp_min_(1e-12), out=out)
 
 
 @functools.cache
