@@ -7,12 +7,19 @@ from itertools import pairwise
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ftforget.forgetting.knn import (
+    DEFAULT_BANK_CHUNK,
+    DEFAULT_QUERY_CHUNK,
+    _above_threshold,
+    _blockwise_topk,
+    _onednn_linear,
     count_correct,
     knn_predict,
     local_topk,
     merge_topk,
+    normalize,
     predict_from_topk,
     weighted_vote,
 )
@@ -56,7 +63,9 @@ def assert_same_as_reference(preds: torch.Tensor, q, bank, labels, c, k, t) -> N
 
 @pytest.mark.parametrize("k", [1, 5, 20])
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
-@pytest.mark.parametrize("chunks", [(1024, 65536), (7, 13), (1, 1)])
+@pytest.mark.parametrize(
+    "chunks", [(1024, 65536), (7, 13), (1, 1), (DEFAULT_QUERY_CHUNK, DEFAULT_BANK_CHUNK)]
+)
 def test_matches_float64_brute_force(k: int, temperature: float, chunks: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(k)
     q, bank = torch.randn(60, 16, generator=g), torch.randn(300, 16, generator=g)
@@ -66,6 +75,90 @@ def test_matches_float64_brute_force(k: int, temperature: float, chunks: tuple[i
     )
     assert preds[k].shape == (60, min(5, k))  # DINO's top-5 looks at min(5, k) predictions
     assert_same_as_reference(preds[k], q, bank, labels, 10, k, temperature)
+
+
+def test_default_chunks_over_several_bank_blocks_match_float64_brute_force() -> None:
+    """The default blocks, with a bank of two full blocks and a partial one."""
+    g = torch.Generator().manual_seed(11)
+    n = 2 * DEFAULT_BANK_CHUNK + 123
+    q, bank = torch.randn(50, 8, generator=g), torch.randn(n, 8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    preds = knn_predict(q, bank, labels, 10, ks=[20, 1])
+    for k in (20, 1):
+        assert_same_as_reference(preds[k], q, bank, labels, 10, k, 0.07)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 301])
+@pytest.mark.parametrize(
+    ("query_chunk", "bank_chunk"), [(60, 300), (7, 13), (60, 1), (1, 300), (64, DEFAULT_BANK_CHUNK)]
+)
+def test_pruned_blocks_equal_a_topk_of_every_block(k: int, query_chunk: int, bank_chunk: int) -> None:
+    """Skipping the blocks a query cannot use (the CPU path) changes nothing: the same sims and labels as
+    the top-k of every block (the path of other devices), also where k exceeds the bank (-inf padding)."""
+    g = torch.Generator().manual_seed(k)
+    q, bank = torch.randn(60, 16, generator=g), torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    args = (normalize(q), bank, labels, k, bank_chunk, query_chunk)
+    pruned = _blockwise_topk(*args, normalize_bank=True, prune=True)
+    dense = _blockwise_topk(*args, normalize_bank=True, prune=False)
+    assert torch.equal(pruned[0], dense[0])
+    assert torch.equal(pruned[1], dense[1])
+    assert torch.isinf(pruned[0][:, 300:]).all() and (pruned[1][:, 300:] == 0).all()
+    whole = (normalize(q).double() @ normalize(bank).double().T).topk(min(k, 300), dim=1)
+    assert torch.allclose(pruned[0][:, :300].double(), whole.values, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("prune", [True, False])
+def test_onednn_blocks_match_float64_brute_force(prune: bool) -> None:
+    """The oneDNN matmul (the default for large CPU blocks) is float32-exact: same neighbours as torch.mm,
+    similarities within float32 rounding, the reference's predictions."""
+    g = torch.Generator().manual_seed(8)
+    q, bank = torch.randn(64, 32, generator=g), torch.randn(700, 32, generator=g)
+    labels = torch.randint(0, 10, (700,), generator=g)
+    args = (normalize(q), bank, labels, 20, 256, 64)
+    fast = _blockwise_topk(*args, normalize_bank=True, prune=prune, onednn=True)
+    plain = _blockwise_topk(*args, normalize_bank=True, prune=prune, onednn=False)
+    assert torch.allclose(fast[0], plain[0], rtol=0, atol=1e-6)
+    assert torch.equal(fast[1], plain[1])
+    for k, preds in predict_from_topk(*fast, 10, [1, 5, 20], 0.07).items():
+        assert_same_as_reference(preds, q, bank, labels, 10, k, 0.07)
+
+
+def test_similarities_above_threshold_are_packed_left() -> None:
+    sims = torch.tensor([[0.5, 0.125, 0.75, 0.0], [0.25, 0.875, 0.375, 0.125], [0.0, 0.0, 0.0, 0.625]])
+    labels, thresholds = torch.tensor([7, 8, 9, 6]), torch.tensor([0.375, 0.1875, 0.5])
+    packed = _above_threshold(sims, thresholds, labels, k=3)
+    assert packed is not None
+    inf = float("-inf")
+    assert packed[0].tolist() == [[0.5, 0.75, inf], [0.25, 0.875, 0.375], [0.625, inf, inf]]
+    assert packed[1].tolist() == [[7, 9, 0], [7, 8, 9], [6, 0, 0]]
+    assert _above_threshold(sims, thresholds, labels, k=2) is None  # a row has 3 > k
+
+
+def test_bank_normalised_per_chunk_equals_normalised_bank() -> None:
+    """Normalising chunk by chunk gives the same similarities, bit for bit, as normalising the whole bank."""
+    g = torch.Generator().manual_seed(2)
+    q, bank = normalize(torch.randn(30, 16, generator=g)), torch.randn(300, 16, generator=g) * 5
+    labels = torch.randint(0, 10, (300,), generator=g)
+    per_chunk = _blockwise_topk(q, bank, labels, 20, 13, 30, normalize_bank=True)
+    whole = _blockwise_topk(q, normalize(bank), labels, 20, 13, 30, normalize_bank=False)
+    assert torch.equal(per_chunk[0], whole[0])
+    assert torch.equal(per_chunk[1], whole[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bank_is_never_copied_whole(dtype: torch.dtype) -> None:
+    """No allocation as large as a float32 copy of the bank, and the result of the upcast bank exactly."""
+    g = torch.Generator().manual_seed(4)
+    bank, labels = torch.randn(20000, 32, generator=g).to(dtype), torch.randint(0, 5, (20000,), generator=g)
+    q = torch.randn(10, 32, generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        preds = knn_predict(q, bank, labels, 5, ks=[3, 10], bank_chunk=1000)
+    assert max(e.cpu_memory_usage for e in prof.events()) < bank.numel() * 4 // 10
+    upcast = knn_predict(q, bank.float(), labels, 5, ks=[3, 10], bank_chunk=1000)
+    for k in (3, 10):
+        assert torch.equal(preds[k], upcast[k])
 
 
 @pytest.mark.parametrize("bounds", [[0, 300], [0, 150, 300], [0, 1, 2, 299, 300], [0, 0, 97, 211, 300]])
@@ -162,6 +255,8 @@ def test_top5_counts_and_few_classes() -> None:
         ({"ks": [11]}, "exceeds the memory bank size 10"),
         ({"ks": [5, 5]}, "distinct"),
         ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"ks": [3], "query_chunk": 0}, "query_chunk must be >= 1"),
+        ({"ks": [3], "bank_chunk": 0}, "bank_chunk must be >= 1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
