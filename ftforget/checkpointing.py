@@ -46,13 +46,24 @@ class FTForgetCheckpoint(ModelCheckpoint):
     #: file name (without ``.ckpt``) of the checkpoint written when a fit stops on an exception
     INTERRUPTED_TEMPLATE = "interrupted-step{step}"
 
+    _validated_at: int | None = None  # step of the last validation (that of the monitored metric)
+    _periodic_last_step: int | None = None  # step of the last periodic last.ckpt
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Lightning's step checkpoints, then ``last.ckpt`` every ``every_n_train_steps`` steps if Lightning
-        left it for a later validation."""
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        """``last.ckpt`` every ``every_n_train_steps`` steps; a monitored best checkpoint only at a validation.
+
+        Lightning would save a best checkpoint at any such step where the monitored metric exists, with the
+        metric of an earlier validation (``best-step12-acc<acc of step 8>``): here that save waits for the
+        next validation, as Lightning does itself when no validation has run yet.
+        """
         every = self._every_n_train_steps
+        if every >= 1 and self.monitor is not None and self._validated_at != trainer.global_step:
+            if trainer.global_step % every == 0:  # the monitored metric, if any, is of an earlier step
+                self._defer_save_until_validation = True
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if (
             not self.save_last
             or every < 1
@@ -66,6 +77,22 @@ class FTForgetCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = saved_step
         self._periodic_last_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's checkpoints of a validation, and those deferred to it; remembers its step.
+
+        Lightning saves a deferred checkpoint here only when it does not save at the end of the training
+        epoch, where it no longer looks at the deferral: the best checkpoint of a step was lost then.
+        """
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking:
+            return
+        self._validated_at = trainer.global_step
+        if self._defer_save_until_validation and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            self._defer_save_until_validation = False
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -87,7 +114,7 @@ class FTForgetCheckpoint(ModelCheckpoint):
         """Writes ``last.ckpt`` of the final step unless it holds that step already."""
         if self.save_last and trainer.global_step not in (
             self._last_global_step_saved,
-            getattr(self, "_periodic_last_step", None),
+            self._periodic_last_step,
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
