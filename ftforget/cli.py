@@ -26,8 +26,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ftforget.backbones import weights_restored_later
+from ftforget.checkpoint_io import with_atomic_checkpoint_io
 from ftforget.checkpointing import FTForgetCheckpoint
 from ftforget.data.base import FineTuneDataModule
+from ftforget.guards import NonFiniteLossGuard
 from ftforget.logging_setup import silence_known_noise
 from ftforget.machine import configure_threads
 from ftforget.methods.base import FineTuningModule
@@ -205,12 +207,17 @@ class FTForgetCLI(LightningCLI):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's, with ftforget's step-counting bar where Lightning would add its default bar."""
+        """Lightning's, with ftforget's step-counting bar where Lightning would add its default bar, the
+        non-finite loss guard, and atomic checkpoint writes unless a CheckpointIO plugin is configured."""
         trainer = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault(
             "callbacks",
-            with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
-        )
+            [*with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
+             NonFiniteLossGuard()],
+        )  # fmt: skip
+        kwargs.setdefault("plugins", with_atomic_checkpoint_io(trainer.get("plugins")))
+        if self.subcommand == "fit" and trainer.get("max_steps") == 0:
+            raise ValueError("--trainer.max_steps 0: a fit of 0 optimizer steps trains nothing (give >= 1)")
         return super().instantiate_trainer(**kwargs)
 
 

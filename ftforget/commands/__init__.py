@@ -12,6 +12,7 @@ import os
 import sys
 
 from ftforget.backbones import CheckpointError
+from ftforget.guards import NonFiniteError, signal_number
 from ftforget.logging_setup import setup_console
 from ftforget.sweep import SweepError
 
@@ -54,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run_lightning(args)
         return 0
-    except USER_ERRORS as err:
+    except SystemExit as err:  # Lightning after SIGTERM or Ctrl-C: 128 + signum (143, 130), not 0 or 1
+        if signal_number(err) is None:
+            raise
+        return 128 + signal_number(err)  # type: ignore[operator]
+    except (*USER_ERRORS, NonFiniteError) as err:
         if os.environ.get("FTFORGET_DEBUG"):
             raise
         name = args[0] if args else "ftforget"
         message = " ".join(str(user_error(err)).split())  # one line, whatever the exception's layout
         sys.stderr.write(f"ftforget {name}: error: {message} (FTFORGET_DEBUG=1 shows the traceback)\n")
-        return 2
+        return 1 if isinstance(err, NonFiniteError) else 2  # 1: the run failed; 2: bad input

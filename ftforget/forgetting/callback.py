@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ftforget.backbones import input_size
@@ -68,6 +68,7 @@ class ForgettingCallback(L.Callback):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.eval_at_steps = sorted({0, *steps})
+        self._explicit_steps = eval_at_steps is not None  # the default list runs to 10000: no warning
         self.every_n_steps = every_n_steps
         self.probe = probe
         self.config = knn if knn is not None else KNNConfig()
@@ -111,6 +112,11 @@ class ForgettingCallback(L.Callback):
             return
         self._reset_state()  # a resumed fit gets its state back from the checkpoint after setup
         self.check_inputs(trainer.datamodule, pl_module, stage)
+        late = [s for s in self.eval_at_steps if 0 <= trainer.max_steps < s]
+        if late and self._explicit_steps:
+            rank_zero_warn(
+                f"ForgettingCallback: eval_at_steps {late} beyond trainer.max_steps {trainer.max_steps}"
+            )
 
     def check_inputs(
         self, datamodule: L.LightningDataModule | None, pl_module: L.LightningModule, stage: str

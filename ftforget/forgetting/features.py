@@ -18,6 +18,7 @@ from ftforget.data.probe import IndexedDataset
 from ftforget.forgetting.collectives import dist_info, shard_range
 from ftforget.forgetting.config import KNNConfig, to_dtype
 from ftforget.forgetting.knn import normalize
+from ftforget.guards import check_finite
 from ftforget.inference import FeatureFn, autocast_context, iterate_features
 from ftforget.progress import progress_bar
 
@@ -122,6 +123,7 @@ def shard_features(
         autocast_dtype=to_dtype(config.autocast_dtype),
         desc=f"probe features ({part})",
     )
+    check_finite(shard.features, f"probe features ({part})")  # never measured, nor cached
     if cache is not None and key is not None:
         cache.save(key, part, rank, world, shard)
     return shard, False
