@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ftforget.backbones import weights_restored_later
 from ftforget.checkpointing import FTForgetCheckpoint
+from ftforget.config_files import check_config_files
 from ftforget.data.base import FineTuneDataModule
 from ftforget.logging_setup import silence_known_noise
 from ftforget.machine import configure_threads
@@ -198,6 +199,7 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> FTForgetCL
     # parser of each stage needs it.
     if argv is not None and run:
         argv = expand_run_options(list(argv))
+    check_config_files(list(argv or []))  # a malformed YAML file: named, with its line
     defaults = {"default_config_files": [str(defaults_config())]}
     parser_kwargs = {stage: defaults for stage in FTForgetCLI.subcommands()} if run else defaults
     with warnings.catch_warnings():
