@@ -29,6 +29,7 @@ import torch.distributed as dist
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ftforget.backbones import build_backbone, input_size
+from ftforget.cli import check_config_files
 from ftforget.data.digits import DigitsProbe  # noqa: F401  (importable by its short name)
 from ftforget.data.imagenet import ImageNetProbe  # noqa: F401
 from ftforget.data.probe import ProbeData
@@ -171,6 +172,7 @@ def record_in_run(run_dir: Path, ckpt: Path, report: dict) -> None:
 def main(argv: list[str]) -> int:
     """Runs ``ftforget measure``; returns the exit status."""
     parser = build_parser()
+    check_config_files(argv)  # a malformed YAML file: named, with its line
     try:
         cfg = parser.parse_args(argv)
     except Exception as err:  # jsonargparse reports bad options as ArgumentError; the message names the key

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -30,15 +32,47 @@ from ftforget.data.image_folders import (
     subset_per_class,
 )
 from ftforget.data.pixel_cache import (
-    PixelCacheDataset,
     ToUint8Array,
     build_pixel_cache,
-    cache_complete,
+    open_pixel_cache,
 )
 from ftforget.data.probe import IndexedDataset, ProbeData
 from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_transform, eval_transform
 
 log = logging.getLogger(__name__)
+
+#: what identifies an image file in the cache key, besides its relative name (see ``cache_identity``)
+CACHE_IDENTITIES = ("stat", "size", "content")
+
+
+def file_identity(path: str, how: str) -> str:
+    """``path``'s identity for a cache key: ``"<size>:<mtime ns>"``, ``"<size>"`` or its bytes' SHA-256.
+
+    Raises:
+        FileNotFoundError: the file vanished since the tree was scanned (the message names it).
+    """
+    try:
+        if how == "content":
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            return digest.hexdigest()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ImageNet probe: image file {path!r} vanished after the scan") from None
+    return f"{st.st_size}:{st.st_mtime_ns}" if how == "stat" else str(st.st_size)
+
+
+def file_identities(paths: list[str], how: str, threads: int = 16, chunk: int = 4096) -> list[str]:
+    """:func:`file_identity` of every path, in order; chunks on ``threads`` threads (``stat`` and reads
+    release the GIL: on a network file system the latencies overlap)."""
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    if len(chunks) <= 1:
+        return [file_identity(p, how) for p in paths]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parts = pool.map(lambda part: [file_identity(p, how) for p in part], chunks)
+        return [i for part in parts for i in part]
 
 
 class ImageNetProbe(ProbeData):
@@ -56,6 +90,12 @@ class ImageNetProbe(ProbeData):
         crop_size: center crop (None: the input size of the measured model, else 224).
         pixel_cache_dir: keep the center-cropped uint8 pixels of bank and queries in memory-mapped files
             here (built on first use: ~150 KB per image at 224 px), so later measurements decode no JPEG.
+        cache_identity: what identifies an image file in :meth:`cache_key` (the key of the pixel cache and
+            of the feature cache), besides its name relative to the tree: ``"stat"`` (default) its size
+            and modification time, one ``stat`` per file (a copy keeps the key only if it keeps the times:
+            ``rsync -a``, ``cp -p``); ``"size"`` its size alone (a copy that loses the times still shares
+            the cache; an edit that keeps the size does too); ``"content"`` a SHA-256 of its bytes (exact,
+            but reads every file: minutes for ImageNet).
     """
 
     name = "imagenet1k"
@@ -72,7 +112,12 @@ class ImageNetProbe(ProbeData):
         resize_size: int | None = None,
         crop_size: int | None = None,
         pixel_cache_dir: str | None = None,
+        cache_identity: str = "stat",
     ) -> None:
+        if cache_identity not in CACHE_IDENTITIES:
+            raise ValueError(
+                f"ImageNet probe: cache_identity must be one of {', '.join(CACHE_IDENTITIES)}, got {cache_identity!r}"
+            )
         if root is None and (train_dir is None or val_dir is None):
             raise ValueError("ImageNet probe: give root, or both train_dir and val_dir")
         for option, value in (("bank_per_class", bank_per_class), ("queries_per_class", queries_per_class)):
@@ -86,6 +131,7 @@ class ImageNetProbe(ProbeData):
         self._sizes = (resize_size, crop_size)
         self.resize_size, self.crop_size = self._resolve_sizes(None)
         self.pixel_cache_dir = Path(pixel_cache_dir).expanduser() if pixel_cache_dir else None
+        self.cache_identity = cache_identity
         self.classes: list[str] = []
         self._bank: list[tuple[str, int]] = []
         self._queries: list[tuple[str, int]] = []
@@ -166,18 +212,25 @@ class ImageNetProbe(ProbeData):
         if self.pixel_cache_dir is None:
             return ImageListDataset(samples, self.transform)
         prefix = self.pixel_cache_dir / f"{self.cache_key()}-{part}"
-        if not cache_complete(prefix):
-            log.info(f"ImageNet probe: building the pixel cache {prefix} ({len(samples)} images)")
-            decode = transforms.Compose([crop_transform(self.resize_size, self.crop_size), ToUint8Array()])
-            labels = [label for _, label in samples]
-            build_pixel_cache(ImageListDataset(samples, decode), labels, self.crop_size, prefix)
-        return PixelCacheDataset(prefix)
+        labels = [label for _, label in samples]
+        cached = open_pixel_cache(prefix, labels, self.crop_size)
+        if cached is not None:
+            return cached
+        log.info(f"ImageNet probe: building the pixel cache {prefix} ({len(samples)} images)")
+        decode = transforms.Compose([crop_transform(self.resize_size, self.crop_size), ToUint8Array()])
+        build_pixel_cache(ImageListDataset(samples, decode), labels, self.crop_size, prefix)
+        rebuilt = open_pixel_cache(prefix, labels, self.crop_size)
+        if rebuilt is None:
+            raise RuntimeError(f"ImageNet probe: the pixel cache {str(prefix)!r} just built is unreadable")
+        return rebuilt
 
     def cache_key(self) -> str:
-        """Hash of the chosen files (relative names, labels) and the transform.
+        """Hash of the chosen files (relative names, labels, identities) and the transform.
 
-        Relative names let a copy of ImageNet elsewhere (e.g. node-local disk) reuse the cache; file
-        contents are not hashed (1.33M reads), so an edited copy under the same names must not share it.
+        Relative names let a copy of ImageNet elsewhere (e.g. node-local disk) reuse the cache; each file
+        also enters with its identity (``cache_identity``: size and modification time by default), so two
+        trees with the same names but other pixels never share a pixel-cache or feature-cache entry.
+        Computed once per probe (one ``stat`` per chosen file, on 16 threads for network file systems).
         """
         self._require_setup()
         if self._cache_key:
@@ -187,9 +240,14 @@ class ImageNetProbe(ProbeData):
             ("bank", self._bank, self.train_dir),
             ("queries", self._queries, self.val_dir),
         ):
-            digest.update(f"{part}:{len(samples)}\n".encode())
+            digest.update(f"{part}:{len(samples)}:{self.cache_identity}\n".encode())
             cut = len(str(base)) + 1  # every path was built as str(base / ...): slicing is relpath, faster
-            digest.update("".join(f"{path[cut:]}\t{label}\n" for path, label in samples).encode())
+            ids = file_identities([path for path, _ in samples], self.cache_identity)
+            digest.update(
+                "".join(
+                    f"{path[cut:]}\t{label}\t{i}\n" for (path, label), i in zip(samples, ids, strict=True)
+                ).encode()
+            )
         transform = {"resize": self.resize_size, "crop": self.crop_size, "interp": "bicubic"}
         digest.update(json.dumps(transform | {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}).encode())
         self._cache_key = f"{self.name}-{digest.hexdigest()[:32]}"  # 1.33M names: hash them once

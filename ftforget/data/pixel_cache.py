@@ -8,6 +8,8 @@ the JPEG path (a test checks the pixels and the accuracy are identical).
 
 Files, for a prefix ``P``: ``P.u8`` (``N x crop x crop x 3`` uint8, row-major, no header) and ``P.json``
 (``{"n", "size", "labels"}``), written last, so a half-built cache is never taken for a complete one.
+A cache that cannot be used (garbage JSON, other keys, a ``.u8`` of the wrong size, other labels) is
+reported by :func:`open_pixel_cache` with a warning naming the file, and rebuilt by the caller.
 """
 
 from __future__ import annotations
@@ -82,14 +84,59 @@ def build_pixel_cache(
     os.replace(tmp_json, prefix.with_suffix(".json"))
 
 
+def read_pixel_cache_meta(path: Path) -> tuple[int, list[int]]:
+    """``(size, labels)`` from a pixel cache's JSON file, checked.
+
+    Raises:
+        ValueError: the file is not JSON of the form ``{"n", "size", "labels"}``; the message names it.
+    """
+    try:
+        meta = json.loads(path.read_text())
+        size, labels = int(meta["size"]), [int(x) for x in meta["labels"]]
+        if size < 1 or int(meta["n"]) != len(labels):
+            raise ValueError(f"size {size}, n {meta['n']} for {len(labels)} labels")
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"pixel cache file {str(path)!r} is unreadable ({type(err).__name__}: {err}); delete it to rebuild "
+            'the cache (expected JSON {"n", "size", "labels"})'
+        ) from None
+    return size, labels
+
+
+def open_pixel_cache(prefix: Path, labels: list[int], crop_size: int) -> PixelCacheDataset | None:
+    """The complete, readable pixel cache at ``prefix`` holding ``labels`` at ``crop_size``, else None.
+
+    A cache that exists but cannot be used (garbage JSON, a ``.u8`` of the wrong size, other labels or
+    size) is logged as a warning naming the file; the caller then rebuilds it.
+    """
+    if not cache_complete(prefix):
+        return None
+    try:
+        dataset = PixelCacheDataset(prefix)
+        if dataset.size != crop_size or dataset.labels != list(labels):
+            raise ValueError(
+                f"pixel cache file {str(prefix.with_suffix('.json'))!r} holds {len(dataset.labels)} images of "
+                f"{dataset.size} px, expected {len(labels)} of {crop_size} px with the same labels"
+            )
+    except (OSError, ValueError) as err:
+        log.warning("rebuilding the pixel cache %s: %s", prefix, err)
+        return None
+    return dataset
+
+
 class PixelCacheDataset(Dataset):
-    """``(normalised image, label)`` items from a pixel cache, identical to the JPEG path's."""
+    """``(normalised image, label)`` items from a pixel cache, identical to the JPEG path's.
+
+    Raises:
+        FileNotFoundError: the cache is incomplete.
+        ValueError: its JSON is unreadable or its ``.u8`` has the wrong size; the message names the file.
+    """
 
     def __init__(self, prefix: Path) -> None:
         if not cache_complete(prefix):
             raise FileNotFoundError(f"pixel cache {str(prefix)!r}: {prefix.name}.u8/.json not found")
-        meta = json.loads(prefix.with_suffix(".json").read_text())
-        self.prefix, self.size, self.labels = prefix, int(meta["size"]), list(meta["labels"])
+        self.size, self.labels = read_pixel_cache_meta(prefix.with_suffix(".json"))
+        self.prefix = prefix
         expected = len(self.labels) * self.size * self.size * 3
         actual = prefix.with_suffix(".u8").stat().st_size
         if actual != expected:

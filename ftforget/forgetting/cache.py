@@ -1,9 +1,21 @@
-"""Exact shortcuts: fingerprints of the weights that define the probe feature, and an on-disk feature cache.
+"""Exact shortcuts: fingerprints of what defines the probe feature, and an on-disk feature cache.
 
-Features are a deterministic function of the feature weights, the probe data and the extraction settings,
-so features keyed by all three can be reused across runs (the step-0 features of a pretrained backbone are
-the same for every method and seed that starts from it). Every rank caches its own shard: no file holds
-the whole bank.
+Features are a deterministic function of the feature function (its weights *and* everything else that
+changes what it computes), the probe data and the extraction settings, so features keyed by all of them can
+be reused across runs (the step-0 features of a pretrained backbone are the same for every method and seed
+that starts from it). Every rank caches its own shard: no file holds the whole bank.
+
+What the fingerprint covers (:func:`feature_fingerprint`):
+
+- the weights: the state dict of the model's ``feature_module`` (names, dtypes, shapes, raw bytes);
+- the rest of the feature function, :func:`feature_signature`: the model's own ``feature_signature()``
+  when it defines one, else the class that defines ``features`` and the structure of the feature module,
+  ``repr(feature_module)``: every layer's type and settings, e.g. a LoRA layer's ``r`` and ``alpha`` (its
+  scale is no weight) and dropout rates. Optimizer, schedule and head settings appear in neither, so the
+  pretrained backbone's step-0 features stay shared by full, top-k and linear fine-tuning.
+
+An unreadable cache file (random bytes, truncated, other keys or shapes) is ignored with a warning naming
+it, then recomputed and rewritten.
 """
 
 from __future__ import annotations
@@ -22,8 +34,8 @@ from ftforget.inference import require_probed
 
 log = logging.getLogger(__name__)
 
-#: bump when the cached content's meaning changes
-CACHE_VERSION = 1
+#: bump when the cached content's meaning changes (2: the key includes the feature signature)
+CACHE_VERSION = 2
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -37,13 +49,37 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def feature_signature(model: nn.Module) -> str:
+    """What, besides its weights, defines the feature function ``model.features``.
+
+    A model may declare it with a ``feature_signature() -> str`` method (optional, beside the
+    :class:`~ftforget.inference.ProbedModel` contract): e.g. a method whose ``features`` reads a setting
+    that no layer shows. Otherwise it is the qualified name of the class that defines ``features`` and
+    ``repr(feature_module)``, which names every layer with its settings (a LoRA layer's ``r`` and
+    ``alpha``, dropout rates, norm epsilons); training-only settings (optimizer, schedule, head) are not
+    in it, so methods that compute the same function from the same weights share cache entries.
+    """
+    probed = require_probed(model, "the feature signature")
+    declared = getattr(model, "feature_signature", None)
+    if callable(declared):
+        return f"declared:{type(model).__module__}.{type(model).__qualname__}:{declared()}"
+    features = getattr(type(model), "features", None)
+    owner = getattr(features, "__qualname__", type(model).__qualname__)
+    module = getattr(features, "__module__", type(model).__module__)
+    return f"features:{module}.{owner}\n{probed.feature_module!r}"
+
+
 def feature_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of every weight the probe feature ``model.features`` depends on.
+    """Fingerprint of the probe feature ``model.features``: its weights and :func:`feature_signature`.
 
     The model declares those weights as its ``feature_module`` (:class:`ftforget.inference.ProbedModel`):
     for the ftforget methods the backbone, so that a linear probe's changing head does not defeat reuse.
+    Two models with the same weights but another feature function (e.g. LoRA adapters with another
+    ``alpha``) get different fingerprints.
     """
-    return state_fingerprint(require_probed(model, "the feature fingerprint").feature_module)
+    weights = state_fingerprint(require_probed(model, "the feature fingerprint").feature_module)
+    signature = hashlib.sha256(feature_signature(model).encode()).hexdigest()
+    return hashlib.sha256(f"{weights}|{signature}".encode()).hexdigest()
 
 
 def cache_key(probe_key: str, fingerprint: str, settings: dict[str, object]) -> str:
@@ -53,6 +89,29 @@ def cache_key(probe_key: str, fingerprint: str, settings: dict[str, object]) -> 
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _read_shard(path: Path) -> ShardFeatures:
+    """The shard stored in ``path``, checked: ``features`` (2-D, floating), ``labels`` and ``indices``
+    (1-D, integer), all of the same length.
+
+    Raises:
+        Exception: whatever ``torch.load`` raises on a damaged file; ValueError on other content.
+    """
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not {"features", "labels", "indices"} <= set(data):
+        raise ValueError("not a feature shard (expected a dict with features, labels and indices)")
+    features, labels, indices = data["features"], data["labels"], data["indices"]
+    if not all(isinstance(t, torch.Tensor) for t in (features, labels, indices)):
+        raise ValueError("features, labels and indices must be tensors")
+    if features.ndim != 2 or not features.is_floating_point():
+        raise ValueError(f"features must be a 2-D float tensor, got {features.dtype} {tuple(features.shape)}")
+    for name, t in (("labels", labels), ("indices", indices)):
+        if t.ndim != 1 or t.is_floating_point() or t.is_complex() or len(t) != len(features):
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor of {len(features)} entries, got {t.dtype} {tuple(t.shape)}"
+            )
+    return ShardFeatures(features, labels, indices)
 
 
 class FeatureCache:
@@ -78,10 +137,9 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            shard = ShardFeatures(data["features"], data["labels"], data["indices"])
-        except (OSError, RuntimeError, KeyError, EOFError) as err:
-            log.warning("ignoring unreadable feature cache file %s: %s", path, err)
+            shard = _read_shard(path)
+        except Exception as err:  # torch.load raises many types for a damaged file (UnpicklingError, ...)
+            log.warning("ignoring unreadable feature cache file %s (it is recomputed): %s", path, err)
             return None
         return shard.to(device)
 

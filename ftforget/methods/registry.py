@@ -81,18 +81,29 @@ def load_method(ckpt_path: str | os.PathLike[str], **overrides: Any) -> FineTuni
     weights file, see ``FineTuningModule.on_save_checkpoint``); ``overrides`` replace hyperparameters.
 
     Raises:
-        FileNotFoundError: ``ckpt_path`` is not a file.
-        MethodCheckpointError: it is not a readable checkpoint of a registered method.
+        FileNotFoundError: ``ckpt_path`` does not exist.
+        MethodCheckpointError: it is a directory, or not a readable checkpoint of a registered method.
     """
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        raise MethodCheckpointError(
+            f"checkpoint {str(path)!r} is a directory; give a .ckpt file in it (e.g. checkpoints/last.ckpt), "
+            "or the run directory with --run"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise MethodCheckpointError(f"{str(path)!r} is not a readable Lightning checkpoint: {err}") from None
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise MethodCheckpointError(
+            f"{str(path)!r} is not a Lightning checkpoint, or it is damaged (torch.load: {reason}); give a .ckpt "
+            "written by ftforget fit"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise MethodCheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+        raise MethodCheckpointError(
+            f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt written by ftforget fit"
+        )
     try:
         cls = checkpoint_method(checkpoint)
     except MethodCheckpointError as err:

@@ -7,6 +7,8 @@ or the forgetting callback's ``forgetting.jsonl``. Real runs and demo runs look 
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import yaml
 
 from ftforget.runs import read_test_results
+
+log = logging.getLogger(__name__)
 
 EVENT_GLOB = "events.out.tfevents.*"
 MEASUREMENT_FILE = "forgetting.jsonl"
@@ -132,7 +136,9 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar of every event file directly in ``run_dir``, ``tag -> {step: value}``.
 
     Files are read oldest first (their names start with the creation time), so a resumed run's later
-    values replace earlier ones at the same step.
+    values replace earlier ones at the same step. A damaged event file (:func:`event_file_damage`:
+    garbage, truncated by a killed run) is reported with a warning naming it; its events before the
+    damage are used, as TensorBoard shows them.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -140,6 +146,12 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     for file in sorted(run_dir.glob(EVENT_GLOB), key=_event_file_order):
         # size_guidance 0 keeps every event (the default samples 10,000 per tag); no purging, so that a
         # resumed run's events are all seen.
+        damage = event_file_damage(file)
+        if damage:
+            log.warning(
+                "ftforget report: event file %s is damaged (%s); the scalars before the damage are used, "
+                "delete the file to silence this", file, damage,
+            )  # fmt: skip
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0}, purge_orphaned_data=False)
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
@@ -147,6 +159,35 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
             for event in acc.Scalars(tag):
                 series[int(event.step)] = float(event.value)
     return scalars
+
+
+def event_file_damage(path: Path) -> str:
+    """What is wrong with the TFRecord framing of an event file ("" when nothing): garbage, or a record cut
+    short (a run killed while writing). TensorBoard's reader stops silently at such a record.
+
+    Each record is ``uint64 length, uint32 CRC of it, data, uint32 CRC of the data``; the walk checks the
+    lengths against the file size and the first record's length CRC (a garbage file fails it), not every
+    CRC (pure Python, slow on long runs): a flipped bit inside a record's data goes unnoticed here.
+    """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"unreadable: {err}"
+    position, records = 0, 0
+    while position < len(data):
+        if len(data) - position < 12:
+            return f"record {records} at byte {position} is cut short ({len(data) - position} of its 12 header bytes)"
+        header = data[position : position + 8]
+        (length,) = struct.unpack("<Q", header)
+        if records == 0 and struct.unpack("<I", data[8:12])[0] != masked_crc32c(header):
+            return "not a TFRecord file (the first record's length fails its CRC)"
+        end = position + 12 + length + 4
+        if end > len(data):
+            return f"record {records} at byte {position} is cut short ({len(data) - position} of {end - position} bytes)"
+        position, records = end, records + 1
+    return ""
 
 
 def _event_file_order(path: Path) -> tuple[int, str]:
@@ -166,18 +207,58 @@ def read_measurements(run_dir: Path) -> list[dict[str, Any]]:
     if not file.is_file():
         return []
     records = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    try:
+        lines = file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{file} is unreadable ({err}); delete it or restore it from the run") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ReportError(f"{file}:{number} is not a JSON line: {err}") from err
-        missing = [key for key in ("step", "k", "top1") if key not in record]
-        if missing:
-            raise ReportError(f"{file}:{number} lacks {missing}")
+        problem = _measurement_problem(record)
+        if problem:
+            raise ReportError(
+                f"{file}:{number} {problem}; fix or delete that line (the callback writes them)"
+            )
         records.append(record)
     return records
+
+
+#: the fields of a ``forgetting.jsonl`` line: required ones and optional numbers (``None`` allowed)
+_REQUIRED_FIELDS = ("step", "k", "top1")
+_NUMBER_FIELDS = ("top5", "drop_abs", "drop_rel", "new_task_val_acc1", "temperature")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _measurement_problem(record: object) -> str:
+    """What is wrong with one parsed ``forgetting.jsonl`` line ("" when nothing): its type, a missing
+    field, or a field of the wrong type (``step`` and ``k`` integers, ``top1`` and the optional
+    accuracies numbers)."""
+    if not isinstance(record, dict):
+        return f"is not a JSON object but {type(record).__name__} {record!r:.60}"
+    missing = [key for key in _REQUIRED_FIELDS if key not in record]
+    if missing:
+        return f"lacks {missing}"
+    for key, ok, what in (("step", _is_int, "an integer"), ("k", _is_int, "an integer"),
+                          ("top1", _is_number, "a number")):  # fmt: skip
+        if not ok(record[key]):
+            return f"has {key}={record[key]!r:.60}, expected {what}"
+    if record["step"] < 0 or record["k"] < 1:
+        return f"has step={record['step']} and k={record['k']}, expected step >= 0 and k >= 1"
+    for key in _NUMBER_FIELDS:
+        if record.get(key) is not None and not _is_number(record[key]):
+            return f"has {key}={record[key]!r:.60}, expected a number or null"
+    return ""
 
 
 def _read_yaml(file: Path) -> dict[str, Any]:
