@@ -13,7 +13,13 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
-from ftforget.forgetting.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_args
+from ftforget.forgetting.knn import (
+    DEFAULT_BANK_CHUNK,
+    DEFAULT_K,
+    DEFAULT_QUERY_CHUNK,
+    DEFAULT_TEMPERATURE,
+    check_knn_args,
+)
 from ftforget.machine import default_num_workers
 
 #: global steps the forgetting callback measures at by default; log-spaced, forgetting is fastest early
@@ -57,8 +63,8 @@ class KNNConfig:
     num_workers: NonNegativeInt = field(default_factory=default_num_workers)
     bank_dtype: DTypeName = "float32"
     autocast_dtype: DTypeName | None = "bfloat16"
-    query_chunk: PositiveInt = 1024
-    bank_chunk: PositiveInt = 65536
+    query_chunk: PositiveInt = DEFAULT_QUERY_CHUNK
+    bank_chunk: PositiveInt = DEFAULT_BANK_CHUNK
 
     def __post_init__(self) -> None:
         # Plain python types: jsonargparse's restricted types (PositiveFloat, ...) must not reach
