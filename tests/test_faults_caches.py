@@ -9,10 +9,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ from ftforget.forgetting.features import extract_features
 from ftforget.inference import measurement_mode
 from ftforget.methods import FullFineTuning, LinearProbing, LoRA, TopKFineTuning
 from tests.forgetting_helpers import tiny_model
+from tests.helpers import warnings_of
 from tests.test_imagenet_probe import WNIDS, tiny_probe
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
@@ -55,23 +53,6 @@ def colour_tree(root: Path, val_shift: int, n_train: int = 3, n_val: int = 2) ->
                 root / "val" / wnid / f"ILSVRC2012_val_{c}{i}.JPEG", colour, seed=10_000 + 100 * c + i
             )
     return root
-
-
-@contextmanager
-def warnings_of(name: str) -> Iterator[list[str]]:
-    """The warning messages of logger ``name`` (a handler of its own: ``ftforget`` may not propagate)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logger, handler = logging.getLogger(name), Collect(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def run_probe(model: torch.nn.Module, probe: ImageNetProbe, cache: FeatureCache | None) -> ProbeMeasurement:

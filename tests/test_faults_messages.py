@@ -7,10 +7,7 @@ input; ``ftforget report`` keeps its own exit 1 for a run it cannot use (a :clas
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from ftforget.cli import check_config_file
 from ftforget.commands import main
 from ftforget.data.pixel_cache import PixelCacheDataset
 from ftforget.report.runs import ReportError, event_file_damage, read_measurements, read_scalars
+from tests.helpers import warnings_of
 from tests.test_cli import ROOT, tiny_overrides
 
 BAD_YAML = "model:\n  class_path: ftforget.methods.LoRA\n  init_args: [r, 4\n  bad: : :\n"
@@ -36,22 +34,6 @@ def one_error_line(capsys: pytest.CaptureFixture[str], command: str, *names: str
     for name in names:
         assert name in lines[0], (name, lines[0])
     return lines[0]
-
-
-@contextmanager
-def warnings_of(name: str) -> Iterator[list[str]]:
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logger, handler = logging.getLogger(name), Collect(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------------ malformed YAML
