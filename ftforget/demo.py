@@ -59,6 +59,7 @@ class PretrainSettings:
     max_shift: int = 2
     seed: int = 0
     trainer: str = "lightning"  # how it was trained: a new loop means new weights, hence a new cache entry
+    data_order: str = "seed-epoch-sample"  # ftforget.data.resumable's order and augmentation draws
     versions: dict[str, str] = field(
         default_factory=lambda: {"torch": torch.__version__.split("+")[0], "ftforget": ftforget.__version__}
     )
