@@ -86,7 +86,8 @@ class SweepRun:
         return ["fit", "--resume", str(self.run_dir)]
 
     def test_args(self) -> list[str]:
-        return ["test", "--run", str(self.run_dir), "--ckpt_path", self.test_ckpt]
+        # --verbose false: no per-run results table, the sweep's report shows them all
+        return ["test", "--run", str(self.run_dir), "--ckpt_path", self.test_ckpt, "--verbose", "false"]
 
     def state(self) -> str:
         """``new``, ``partial`` (resume it), ``trained`` (test it) or ``done``."""

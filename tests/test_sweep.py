@@ -37,7 +37,7 @@ def test_dry_run_of_the_paper_preset(tmp_path: Path, capsys) -> None:
         f"ftforget fit --config {full} --seed_everything 0 --trainer.logger.init_args.save_dir {out} "
         f"--trainer.logger.init_args.name full --trainer.logger.init_args.version seed0"
     )
-    assert lines[1] == f"ftforget test --run {out}/full/seed0 --ckpt_path best"
+    assert lines[1] == f"ftforget test --run {out}/full/seed0 --ckpt_path best --verbose false"
     assert [line.split()[3] for line in lines[::4]] == [
         str(config_dir() / f"{c}.yaml") for c in PAPER_CONFIGS
     ]
@@ -69,7 +69,7 @@ def test_a_task_is_one_run(tmp_path: Path, capsys) -> None:
     assert main([*base, "--task", "3"]) == 0
     assert (
         capsys.readouterr().out.splitlines()[1]
-        == f"ftforget test --run {tmp_path}/top1/seed1 --ckpt_path best"
+        == f"ftforget test --run {tmp_path}/top1/seed1 --ckpt_path best --verbose false"
     )
     assert main([*base, "--task", "10"]) == 2
     assert "--task 10: this sweep has runs 0 to 9" in capsys.readouterr().err
