@@ -1,0 +1,96 @@
+"""Bootstrap intervals and curve statistics (:mod:`ftforget.stats`): coverage and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ftforget import stats
+
+
+def test_bootstrap_interval_covers_p_in_about_95_percent_of_trials() -> None:
+    rng = np.random.default_rng(1234)
+    p, n, trials = 0.3, 400, 200
+    covered = 0
+    for trial in range(trials):
+        outcomes = rng.random(n) < p  # simulated Bernoulli outcomes with known p
+        lo, hi = stats.bootstrap_mean_ci(int(outcomes.sum()), n, seed=trial)
+        covered += lo <= p <= hi
+    assert 0.90 * trials <= covered <= 0.99 * trials
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded() -> None:
+    lo, hi = stats.bootstrap_mean_ci(3722, 5000)
+    assert lo < 3722 / 5000 < hi
+    assert (lo, hi) == stats.bootstrap_mean_ci(3722, 5000)
+    # binomial sd sqrt(p(1-p)/n) = 0.00619: the interval spans about 2 * 1.96 of it
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.7444 * 0.2556 / 5000), rel=0.1)
+    assert stats.bootstrap_mean_ci(0, 10) == (0.0, 0.0)
+    assert stats.bootstrap_mean_ci(10, 10) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        stats.bootstrap_mean_ci(11, 10)
+
+
+def test_paired_interval_on_a_hand_made_case() -> None:
+    before = np.array([1, 1, 1, 1, 0, 0, 1, 0, 1, 1], dtype=bool)
+    after = np.array([1, 0, 0, 1, 1, 0, 1, 0, 1, 1], dtype=bool)
+    lost, gained, n = stats.paired_counts(before, after)
+    assert (lost, gained, n) == (2, 1, 10)  # queries 1 and 2 lost, query 4 gained: drop 0.1
+    lo, hi = stats.bootstrap_drop_ci(lost, gained, n)
+    assert lo < 0.1 < hi and -1.0 <= lo and hi <= 1.0
+    # Identical outcomes: the paired drop is exactly 0 in every resample, however noisy each mean is.
+    assert stats.bootstrap_drop_ci(0, 0, 10) == (0.0, 0.0)
+    # Every query lost: exactly 1.
+    assert stats.bootstrap_drop_ci(10, 0, 10) == (1.0, 1.0)
+    # Pairing narrows the interval: 10 lost of 1000 at ~75% accuracy.
+    lo, hi = stats.bootstrap_drop_ci(10, 0, 1000)
+    unpaired = stats.bootstrap_mean_ci(750, 1000)
+    assert hi - lo < (unpaired[1] - unpaired[0]) / 3
+    # The sd of the paired drop: sqrt((l + g)/n - ((l - g)/n)^2) / sqrt(n)
+    lo, hi = stats.bootstrap_drop_ci(300, 100, 5000)
+    sd = math.sqrt(400 / 5000 - (200 / 5000) ** 2) / math.sqrt(5000)
+    assert hi - lo == pytest.approx(2 * 1.96 * sd, rel=0.1)
+    with pytest.raises(ValueError):
+        stats.paired_counts(before, after[:5])
+
+
+def test_hit_vectors_pack_and_unpack() -> None:
+    hits = np.random.default_rng(0).random(50_003) < 0.7
+    packed = stats.pack_hits(hits)
+    assert isinstance(packed, str) and len(packed) == 4 * math.ceil(math.ceil(50_003 / 8) / 3)
+    assert np.array_equal(stats.unpack_hits(packed, 50_003), hits)
+    assert stats.unpack_hits(stats.pack_hits([True, False, True]), 3).tolist() == [True, False, True]
+    with pytest.raises(ValueError):
+        stats.unpack_hits(packed, 60_000)
+
+
+# Hand-computed: x = log10(1 + step) = 0, 1, 2, 3 at steps 0, 9, 99, 999 (equal widths 1).
+CURVE = {0: 0.8, 9: 0.78, 99: 0.6, 999: 0.3}
+
+
+def test_curve_statistics_of_a_hand_computed_curve() -> None:
+    # trapezoids: (0.8 + 0.78)/2 + (0.78 + 0.6)/2 + (0.6 + 0.3)/2 = 0.79 + 0.69 + 0.45 = 1.93, over 3
+    assert stats.auc_norm(CURVE) == pytest.approx(1.93 / 3)
+    # relative drops: 0, 0.025, 0.25, 0.625
+    assert stats.curve_statistics(CURVE) == {
+        "auc_norm": pytest.approx(1.93 / 3),
+        "max_drop": pytest.approx(0.5),
+        "final_drop": pytest.approx(0.5),
+        "steps_to_drop_5": 99,
+        "steps_to_drop_10": 99,
+        "steps_to_drop_50": 999,
+    }
+    assert stats.steps_to_drop(CURVE, 0.625) is None  # strictly exceeds
+    assert stats.steps_to_drop(CURVE, 0.02) == 9
+    # A flat curve gives its level; the max drop may come before the end (recovery).
+    assert stats.auc_norm({0: 0.5, 3: 0.5, 1000: 0.5}) == pytest.approx(0.5)
+    recovering = {0: 0.9, 10: 0.5, 100: 0.8}
+    assert stats.max_drop(recovering) == pytest.approx(0.4)
+    assert stats.final_drop(recovering) == pytest.approx(0.1)
+    # Without step 0: no drops; one step: its value; none: None.
+    assert stats.curve_statistics({5: 0.5, 50: 0.4})["steps_to_drop_5"] is None
+    assert stats.max_drop({5: 0.5}) is None and stats.auc_norm({7: 0.25}) == 0.25
+    assert stats.auc_norm({}) is None
+    assert stats.threshold_name(0.05) == "5" and stats.threshold_name(0.125) == "12.5"
