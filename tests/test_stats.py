@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ftforget import stats
+from tests.test_forgetting_callback import read_jsonl, run_fit, small_callback
 
 
 def test_bootstrap_interval_covers_p_in_about_95_percent_of_trials() -> None:
@@ -94,3 +97,26 @@ def test_curve_statistics_of_a_hand_computed_curve() -> None:
     assert stats.max_drop({5: 0.5}) is None and stats.auc_norm({7: 0.25}) == 0.25
     assert stats.auc_norm({}) is None
     assert stats.threshold_name(0.05) == "5" and stats.threshold_name(0.125) == "12.5"
+
+
+def test_a_fit_stores_intervals_that_contain_the_point_estimates(tmp_path: Path) -> None:
+    callback = small_callback(eval_at_steps=[0, 2, 5], knn={"k": [5, 3]})
+    run_fit(tmp_path, 6, callback)
+    records = read_jsonl(tmp_path / "run" / "version_0" / "forgetting.jsonl")
+    assert [(r["step"], r["k"]) for r in records] == [(s, k) for s in (0, 2, 5) for k in (5, 3)]
+    for r in records:
+        lo, hi = r["top1_ci"]
+        assert 0.0 <= lo <= r["top1"] <= hi <= 1.0
+        if r["step"] == 0:
+            assert r["drop_abs_ci"] is None
+        else:
+            lo, hi = r["drop_abs_ci"]
+            assert lo <= r["drop_abs"] <= hi
+    # The step-0 hit vectors survive a checkpoint (plain types, weights_only=True) and give the same
+    # paired interval after a resume.
+    torch.save(callback.state_dict(), tmp_path / "state.pt")
+    fresh = small_callback(eval_at_steps=[0, 2, 5], knn={"k": [5, 3]})
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert fresh.baseline_hits == callback.baseline_hits and fresh.baseline_queries == 23
+    hits0 = stats.unpack_hits(fresh.baseline_hits[5], 23)
+    assert hits0.sum() == round(records[0]["top1"] * 23)
