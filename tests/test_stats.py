@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ftforget import stats
+from ftforget.report import read_csv, write_report
 from tests.test_forgetting_callback import read_jsonl, run_fit, small_callback
+from tests.test_report import FULL, LORA, seed_config, write_run
 
 
 def test_bootstrap_interval_covers_p_in_about_95_percent_of_trials() -> None:
@@ -120,3 +124,67 @@ def test_a_fit_stores_intervals_that_contain_the_point_estimates(tmp_path: Path)
     assert fresh.baseline_hits == callback.baseline_hits and fresh.baseline_queries == 23
     hits0 = stats.unpack_hits(fresh.baseline_hits[5], 23)
     assert hits0.sum() == round(records[0]["top1"] * 23)
+
+
+def test_report_statistics_from_a_hand_written_measurement_file(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "lora" / "version_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": LORA}))
+    ci = {0: [0.7, 0.9], 9: [0.66, 0.88], 99: [0.46, 0.74], 999: [0.18, 0.42]}
+    drop_ci = {0: None, 9: [-0.04, 0.08], 99: [0.08, 0.32], 999: [0.36, 0.64]}
+    lines = [
+        {"step": s, "k": 20, "probe": "synthetic", "top1": v, "drop_abs": CURVE[0] - v, "num_queries": 50,
+         "top1_ci": ci[s], "drop_abs_ci": drop_ci[s]}
+        for s, v in CURVE.items()
+    ]  # fmt: skip
+    (run_dir / "forgetting.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = write_report([tmp_path / "runs"], tmp_path / "out")
+    assert report.statistics.splitlines() == [
+        "| method | probe @end [95% CI] | drop (points) [95% CI] | AUC (log steps) | max drop (points) "
+        "| steps to 5% drop | steps to 10% drop | steps to 50% drop |",
+        "|---|---|---|---|---|---|---|---|",
+        # AUC 1.93 / 3 (see CURVE); relative drops 0, 2.5%, 25%, 62.5%
+        "| LoRA r=4 | 30.00 [18.00, 42.00] (step 999) | 50.00 [36.00, 64.00] | 64.33 | 50.00 | 99 | 99 | 999 |",
+    ]
+    text = (tmp_path / "out" / "forgetting_table.md").read_text()
+    assert report.markdown.splitlines()[2] in text and report.statistics in text
+    assert "### Curve statistics" in text and "Curve statistics" not in report.markdown
+    (row,) = read_csv(tmp_path / "out" / "forgetting_table.csv")
+    assert (float(row["probe_acc_end_ci_lo"]), float(row["probe_acc_end_ci_hi"])) == (0.18, 0.42)
+    assert (float(row["drop_abs_ci_lo"]), float(row["drop_abs_ci_hi"])) == (0.36, 0.64)
+    assert float(row["auc_norm"]) == pytest.approx(1.93 / 3) and float(row["max_drop"]) == pytest.approx(0.5)
+    assert (row["steps_to_drop_5"], row["steps_to_drop_10"], row["steps_to_drop_50"]) == ("99", "99", "999")
+    assert (row["auc_norm_std"], row["steps_to_drop_50_runs"]) == ("", "1")
+
+
+def test_report_statistics_of_a_seed_group_are_mean_and_std(tmp_path: Path) -> None:
+    # x = log10(1 + step) = 0, 1, 2; relative drops at steps 9 and 99:
+    # seed 0: 3/7, 4/7; seed 1: 1/7, 5/7; seed 2: 0, 2/7
+    curves = {
+        0: {0: 0.875, 9: 0.5, 99: 0.375},
+        1: {0: 0.875, 9: 0.75, 99: 0.25},
+        2: {0: 0.875, 9: 0.875, 99: 0.625},
+    }
+    for seed, curve in curves.items():
+        write_run(tmp_path / f"s{seed}", "full", FULL, curve, config=seed_config(seed, "full"))
+    report = write_report([tmp_path], tmp_path / "out")
+    (row,) = report.rows
+    # AUC: (0.6875 + 0.4375) / 2, (0.8125 + 0.5) / 2, (0.875 + 0.75) / 2 = 0.5625, 0.65625, 0.8125
+    assert row.auc_norm == pytest.approx(2.03125 / 3)
+    assert row.auc_norm_std == pytest.approx(np.std([0.5625, 0.65625, 0.8125], ddof=1))
+    # max drops 0.5, 0.625, 0.25; first steps past 5% and 10%: 9, 9, 99; past 50%: 99, 99, never
+    assert (row.max_drop, row.max_drop_std) == (
+        pytest.approx(1.375 / 3),
+        pytest.approx(np.std([0.5, 0.625, 0.25], ddof=1)),
+    )
+    assert (row.steps_to_drop_5, row.steps_to_drop_5_std, row.steps_to_drop_5_runs) == (
+        39,
+        pytest.approx(np.sqrt(2700)),
+        3,
+    )
+    assert (row.steps_to_drop_50, row.steps_to_drop_50_std, row.steps_to_drop_50_runs) == (99, 0.0, 2)
+    assert row.probe_acc_end_ci_lo is None  # a group: its spread is the std over seeds
+    assert report.statistics.splitlines()[2] == (
+        "| full fine-tuning | 3 | 41.67 ± 19.09 (step 99) | 45.83 ± 19.09 | 67.71 ± 12.63 | 45.83 ± 19.09 "
+        "| 39 ± 52 | 39 ± 52 | 99 ± 0 (2 of 3) |"
+    )
