@@ -19,13 +19,14 @@ ALLOWED: dict[str, set[str]] = {
     "machine": set(),
     "checkpoint_io": set(),
     "guards": set(),
+    "stats": set(),
     "checkpointing": {"checkpoint_io"},
     "progress": {"forgetting.collectives"},  # the rank, from the one place that knows it
     "logging_setup": {"progress"},
     "data": {"machine", "progress"},
     "methods": {"adapters", "backbones", "inference"},
-    "forgetting": {"backbones", "guards", "inference", "data.probe", "machine", "progress"},
-    "report": {"methods", "runs"},
+    "forgetting": {"backbones", "guards", "inference", "data.probe", "machine", "progress", "stats"},
+    "report": {"methods", "runs", "stats"},
     "cli": {
         "backbones",
         "checkpoint_io",

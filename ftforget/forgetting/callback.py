@@ -27,6 +27,7 @@ from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, to_dtype
 from ftforget.forgetting.evaluate import evaluate_probe
 from ftforget.forgetting.features import sharded_loader
 from ftforget.inference import autocast_context, measurement_mode, require_probed
+from ftforget.stats import bootstrap_drop_ci, paired_counts, unpack_hits
 
 
 class ForgettingCallback(L.Callback):
@@ -85,6 +86,9 @@ class ForgettingCallback(L.Callback):
     def _reset_state(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.baseline: dict[int, float] = {}
+        # the step-0 per-query top-1 hit vectors (packed, ftforget.stats.pack_hits) and their query count
+        self.baseline_hits: dict[int, str] = {}
+        self.baseline_queries = 0
         self._last: tuple[str, dict[str, Any]] | None = None  # (fingerprint, measurement) of the last one
 
     @property
@@ -96,12 +100,16 @@ class ForgettingCallback(L.Callback):
         return {
             "records": [dict(r) for r in self.records],
             "baseline": dict(self.baseline),
+            "baseline_hits": dict(self.baseline_hits),
+            "baseline_queries": self.baseline_queries,
             "last": list(self._last) if self._last else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = [dict(r) for r in state_dict.get("records", [])]
         self.baseline = {int(k): float(v) for k, v in state_dict.get("baseline", {}).items()}
+        self.baseline_hits = {int(k): str(v) for k, v in state_dict.get("baseline_hits", {}).items()}
+        self.baseline_queries = int(state_dict.get("baseline_queries", 0))
         last = state_dict.get("last")
         self._last = (last[0], last[1]) if last else None
 
@@ -246,19 +254,34 @@ class ForgettingCallback(L.Callback):
     def _records(
         self, step: int, epoch: int, result: dict[str, Any], new_acc: float | None, seconds: float
     ) -> list[dict[str, Any]]:
+        """One line per k; ``top1_ci`` is top-1's bootstrap 95% interval over the queries and, after step
+        0, ``drop_abs_ci`` the paired one of ``drop_abs`` (the same queries resampled at step 0 and now,
+        :func:`~ftforget.stats.bootstrap_drop_ci`); either is None where its inputs are missing."""
+        n = int(result["num_queries"])
+        hits = {int(k): str(v) for k, v in (result.get("top1_hits") or {}).items()}
         if step == 0:
             self.baseline = {int(k): float(v) for k, v in result["top1"].items()}
+            self.baseline_hits, self.baseline_queries = hits, n
+        cis = {int(k): v for k, v in (result.get("top1_ci") or {}).items()}
         rows = []
         for k in self.config.ks:
             top1 = float(result["top1"][k])
             base = self.baseline.get(k)
             drop = None if base is None else base - top1
+            drop_ci = None
+            if step > 0 and drop is not None and k in hits and k in self.baseline_hits \
+                    and self.baseline_queries == n:  # fmt: skip
+                lost, gained, _ = paired_counts(
+                    unpack_hits(self.baseline_hits[k], n), unpack_hits(hits[k], n)
+                )
+                drop_ci = list(bootstrap_drop_ci(lost, gained, n))
             rows.append({
                 "step": step, "epoch": epoch, "probe": self._probe.name, "k": k,  # type: ignore[union-attr]
                 "temperature": self.config.temperature, "top1": top1, "top5": float(result["top5"][k]),
                 "drop_abs": drop, "drop_rel": None if drop is None or not base else drop / base,
-                "new_task_val_acc1": new_acc, "num_queries": int(result["num_queries"]),
+                "new_task_val_acc1": new_acc, "num_queries": n,
                 "num_bank": int(result["num_bank"]), "seconds": seconds,
+                "top1_ci": [float(x) for x in cis[k]] if k in cis else None, "drop_abs_ci": drop_ci,
             })  # fmt: skip
         return rows
 

@@ -7,8 +7,9 @@ Shared by :class:`~ftforget.forgetting.callback.ForgettingCallback` (live model,
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ftforget.data.probe import ProbeData
@@ -17,13 +18,22 @@ from ftforget.forgetting.collectives import all_reduce_sum
 from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.features import shard_features
 from ftforget.forgetting.knn import check_knn_args, check_labels
-from ftforget.forgetting.sharded_knn import gather_queries, sharded_knn_counts
+from ftforget.forgetting.sharded_knn import gather_queries, sharded_knn_hits
 from ftforget.inference import FeatureFn
+from ftforget.stats import bootstrap_mean_ci, pack_hits, unpack_hits
 
 
 @dataclass
 class ProbeMeasurement:
-    """Accuracies (fractions) per k and what they were computed on."""
+    """Accuracies (fractions) per k and what they were computed on.
+
+    Attributes:
+        top1_ci: per k, the percentile bootstrap 95% interval ``[lo, hi]`` of ``top1`` over the queries
+            (:func:`~ftforget.stats.bootstrap_mean_ci`).
+        top1_hits: per k, the per-query top-1 hit vector in query-index order, packed
+            (:func:`~ftforget.stats.pack_hits`; :meth:`hits` unpacks it): the paired drop intervals
+            need it, and packed it stays a short string in JSON and checkpoints.
+    """
 
     top1: dict[int, float]
     top5: dict[int, float]
@@ -31,6 +41,12 @@ class ProbeMeasurement:
     num_bank: int
     seconds: float
     cached: bool = False
+    top1_ci: dict[int, list[float]] = field(default_factory=dict)
+    top1_hits: dict[int, str] = field(default_factory=dict)
+
+    def hits(self, k: int) -> np.ndarray:
+        """The ``(num_queries,)`` bool top-1 hit vector of ``k``."""
+        return unpack_hits(self.top1_hits[k], self.num_queries)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -45,6 +61,8 @@ def evaluate_probe(
     cache: FeatureCache | None = None,
 ) -> ProbeMeasurement:
     """Weighted k-NN top-1/top-5 of ``feature_fn`` on ``probe``; every rank must call it, all get the result.
+
+    The result also carries each k's bootstrap interval of top-1 and its per-query hit vector (packed).
 
     The caller sets the mode (:func:`ftforget.inference.measurement_mode`); this function only reads.
 
@@ -76,7 +94,7 @@ def evaluate_probe(
     check_labels(bank.labels, probe.num_classes, f"probe {probe.name!r} bank")
     all_queries = gather_queries(queries, n_query)
     check_labels(all_queries.labels, probe.num_classes, f"probe {probe.name!r} query")
-    counts = sharded_knn_counts(
+    counts, hits = sharded_knn_hits(
         all_queries,
         bank,
         probe.num_classes,
@@ -92,4 +110,6 @@ def evaluate_probe(
         num_bank=n_bank,
         seconds=time.perf_counter() - start,
         cached=bank_cached and query_cached,
+        top1_ci={k: list(bootstrap_mean_ci(c[0], n_query)) for k, c in counts.items()},
+        top1_hits={k: pack_hits(h.numpy()) for k, h in hits.items()},
     )

@@ -52,9 +52,31 @@ def sharded_knn_counts(
     the merged top-k, so all ranks end with the same counts without a broadcast. Rank 0 shows the
     queries done (:func:`~ftforget.progress.progress_bar`).
     """
+    counts, _ = sharded_knn_hits(queries, bank, num_classes, ks, temperature, query_chunk, bank_chunk)
+    return counts
+
+
+def sharded_knn_hits(
+    queries: ShardFeatures,
+    bank: ShardFeatures,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+    query_chunk: int,
+    bank_chunk: int,
+) -> tuple[dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
+    """:func:`sharded_knn_counts` and, per k, the per-query top-1 hit vector.
+
+    Returns:
+        ``(counts, hits)``: the counts of :func:`sharded_knn_counts`, and per k a ``(Q,)`` bool CPU tensor
+        in the order of ``queries`` (by sample index after :func:`gather_queries`), True where the
+        query's top-1 prediction is its label; ``hits[k].sum()`` is ``counts[k][0]``. Every rank votes
+        on the same merged top-k, so every rank ends with the same vectors.
+    """
     k_max = max(ks)
     _, world = dist_info()
-    hits = {k: [0, 0] for k in ks}
+    counts = {k: [0, 0] for k in ks}
+    hit_chunks: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     n = queries.features.shape[0]
     with progress_bar(n, "k-NN", unit="query") as bar:
         for start in range(0, n, query_chunk):
@@ -68,7 +90,12 @@ def sharded_knn_counts(
             targets = queries.labels[start : start + query_chunk]
             for k, p in preds.items():
                 top1, top5 = count_correct(p, targets)
-                hits[k][0] += top1
-                hits[k][1] += top5
+                counts[k][0] += top1
+                counts[k][1] += top5
+                hit_chunks[k].append((p[:, 0] == targets.to(p.device)).cpu())
             bar.update(len(q))
-    return {k: (h[0], h[1]) for k, h in hits.items()}
+    hits = {
+        k: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.bool)
+        for k, chunks in hit_chunks.items()
+    }
+    return {k: (c[0], c[1]) for k, c in counts.items()}, hits

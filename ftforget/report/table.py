@@ -17,6 +17,7 @@ from typing import Any
 
 from ftforget.report.groups import RunGroup, group_runs, method_label
 from ftforget.report.runs import ReportError, Run
+from ftforget.stats import DROP_THRESHOLDS, curve_statistics, threshold_name
 
 #: the step of the paper's claim ("loses over 70% ... after just 10 iterations")
 EARLY_STEP = 10
@@ -34,6 +35,11 @@ AGGREGATED = (
     "drop_rel",
     "mean",
 )
+#: the steps-to-drop columns, one per threshold of :data:`ftforget.stats.DROP_THRESHOLDS`
+STEPS_TO_DROP = tuple(f"steps_to_drop_{threshold_name(t)}" for t in DROP_THRESHOLDS)
+#: the curve statistics (:func:`ftforget.stats.curve_statistics`) that a seed group aggregates like
+#: :data:`AGGREGATED`; a steps-to-drop mean is over the runs that reached the drop (``<name>_runs``)
+CURVE_STATS = ("auc_norm", "max_drop", *STEPS_TO_DROP)
 #: the Markdown cell of a row without a new-task test accuracy (and of its mean)
 NOT_TESTED = "— (not tested)"
 
@@ -46,6 +52,14 @@ class Row:
     the runs that logged it and ``<name>_std`` its sample standard deviation (``ddof=1``), None unless at
     least two runs logged it; a single run is a group of one (``n = 1``, no std). ``seeds`` and ``run``
     list the group's seeds and run directories, joined by ``;``.
+
+    The curve statistics (:data:`CURVE_STATS`, :func:`ftforget.stats.curve_statistics` of each run's
+    headline curve) aggregate the same way; ``steps_to_drop_<p>`` is the first step whose relative drop
+    exceeds ``p`` %, its mean over the ``steps_to_drop_<p>_runs`` runs that reached it (None if none
+    did). ``probe_acc_end_ci_lo/hi`` and ``drop_abs_ci_lo/hi`` are the bootstrap 95% intervals the
+    forgetting callback stored with the last measurement (``top1_ci``, the paired ``drop_abs_ci``): a
+    single run's only (None for a seed group, whose spread is the std over seeds, and for runs
+    measured before intervals were stored).
     """
 
     method: str
@@ -72,6 +86,23 @@ class Row:
     k: int | None
     seeds: str
     run: str
+    probe_acc_end_ci_lo: float | None = None
+    probe_acc_end_ci_hi: float | None = None
+    drop_abs_ci_lo: float | None = None
+    drop_abs_ci_hi: float | None = None
+    auc_norm: float | None = None
+    auc_norm_std: float | None = None
+    max_drop: float | None = None
+    max_drop_std: float | None = None
+    steps_to_drop_5: float | None = None
+    steps_to_drop_5_std: float | None = None
+    steps_to_drop_5_runs: int = 0
+    steps_to_drop_10: float | None = None
+    steps_to_drop_10_std: float | None = None
+    steps_to_drop_10_runs: int = 0
+    steps_to_drop_50: float | None = None
+    steps_to_drop_50_std: float | None = None
+    steps_to_drop_50_runs: int = 0
 
 
 def run_labels(runs: list[Run]) -> dict[Path, str]:
@@ -118,7 +149,12 @@ def _measured(run: Run) -> dict[str, Any]:
         drop_rel = (start - end) / start
     test = run.test_accuracy()
     head = run.headline_measurements()
+    last = next((r for r in head if int(r["step"]) == end_step), {})
+    top1_ci, drop_ci = _interval(last.get("top1_ci")), _interval(last.get("drop_abs_ci"))
     return {
+        **curve_statistics(curve),
+        "probe_acc_end_ci": top1_ci,
+        "drop_abs_ci": drop_ci,
         "new_task_test_acc1": test,
         "probe_acc_step0": start,
         "probe_acc_step10": curve.get(EARLY_STEP),
@@ -130,6 +166,17 @@ def _measured(run: Run) -> dict[str, Any]:
         "probe": str(head[0].get("probe", "")) if head else "",
         "k": int(head[0]["k"]) if head else None,
     }
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A stored ``[lo, hi]`` interval, or None where it is missing or malformed."""
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return float(value[0]), float(value[1])
+    return None
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -153,6 +200,16 @@ def summarize_group(group: RunGroup) -> Row:
     for name in AGGREGATED:
         values = [m[name] for m in measured if m[name] is not None]
         stats[name], stats[f"{name}_std"] = mean_std(values)
+    for name in CURVE_STATS:
+        values = [m[name] for m in measured if m[name] is not None]
+        stats[name], stats[f"{name}_std"] = mean_std(values)
+        if name in STEPS_TO_DROP:
+            stats[f"{name}_runs"] = len(values)
+    if len(measured) == 1:
+        for name in ("probe_acc_end_ci", "drop_abs_ci"):
+            interval = measured[0][name]
+            if interval is not None:
+                stats[f"{name}_lo"], stats[f"{name}_hi"] = interval
     counts = {trainable_params(run) for run in group.runs}
     params, params_exact = counts.pop() if len(counts) == 1 else (None, True)
     first = measured[0]
@@ -251,6 +308,53 @@ def to_markdown(rows: list[Row]) -> str:
             _cell(row, "drop_abs"),
             _cell(row, "drop_rel"),
             _tested_cell(row, "mean"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _interval_cell(row: Row, name: str) -> str:
+    """``74.44 [71.11, 77.78]`` (percent, the bootstrap 95% interval where stored), else :func:`_cell`."""
+    lo, hi = getattr(row, f"{name}_ci_lo"), getattr(row, f"{name}_ci_hi")
+    if lo is None or hi is None or getattr(row, name) is None:
+        return _cell(row, name)
+    return f"{_pct(getattr(row, name))} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _steps_cell(row: Row, name: str) -> str:
+    """The first step past a drop: ``99``, ``120 ± 30`` over seeds, ``(2 of 3)`` when only some runs
+    reached it, ``never`` when none did."""
+    value, std, runs = getattr(row, name), getattr(row, f"{name}_std"), getattr(row, f"{name}_runs")
+    if value is None:
+        return "never"
+    text = f"{value:.0f}" + ("" if std is None else f" ± {std:.0f}")
+    return text + (f" ({runs} of {row.n})" if runs < row.n else "")
+
+
+def statistics_markdown(rows: list[Row]) -> str:
+    """The curve statistics table in Markdown, one line per row of :func:`to_markdown`.
+
+    Columns: the last probe accuracy and its drop (points) with their bootstrap 95% intervals in
+    brackets where stored (single runs), the normalised area under the curve over ``log10(1 + step)``
+    (:func:`ftforget.stats.auc_norm`, percent), the largest drop (points), and the first step whose
+    relative drop exceeds each threshold (``never`` where none does). Seed groups show mean ± std.
+    """
+    with_n = any(row.n > 1 for row in rows)
+    header = [
+        "method", *(["n"] if with_n else []), "probe @end [95% CI]", "drop (points) [95% CI]",
+        "AUC (log steps)", "max drop (points)",
+        *(f"steps to {threshold_name(t)}% drop" for t in DROP_THRESHOLDS),
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row.method,
+            *([str(row.n)] if with_n else []),
+            _interval_cell(row, "probe_acc_end") + f" (step {row.end_step})",
+            _interval_cell(row, "drop_abs"),
+            _cell(row, "auc_norm"),
+            _cell(row, "max_drop"),
+            *(_steps_cell(row, name) for name in STEPS_TO_DROP),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

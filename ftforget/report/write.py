@@ -8,7 +8,7 @@ from pathlib import Path
 from ftforget.report.figures import save_figures
 from ftforget.report.groups import group_runs
 from ftforget.report.runs import Run, load_runs
-from ftforget.report.table import Row, build_table, to_markdown, write_csv
+from ftforget.report.table import Row, build_table, statistics_markdown, to_markdown, write_csv
 
 
 @dataclass
@@ -17,7 +17,9 @@ class Report:
 
     Attributes:
         rows: the table, one row per run or seed group with measurements.
-        markdown: the table as Markdown, followed by the :attr:`notes` (as written to the file).
+        markdown: the table as Markdown, followed by the :attr:`notes` (what ``ftforget report`` prints).
+        statistics: the curve statistics table (:func:`~ftforget.report.table.statistics_markdown`):
+            intervals, normalised AUC, steps to a drop; the Markdown file holds it under the table.
         files: the Markdown, CSV and PNG files written.
         skipped: runs left out because they have no forgetting measurement.
         notes: one line per figure not written, saying why.
@@ -30,6 +32,7 @@ class Report:
     skipped: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     untested: list[tuple[str, Path]] = field(default_factory=list)
+    statistics: str = ""
 
 
 def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
@@ -47,7 +50,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
 
     Runs that repeat a configuration with other seeds are one row (:mod:`~ftforget.report.groups`). Runs
     without forgetting measurements are left out of the table and listed in ``Report.skipped``; a figure
-    with nothing to show is not written (a stale PNG of its name is removed) and a note says why.
+    with nothing to show is not written (a stale PNG of its name is removed) and a note says why. The
+    Markdown file holds the table, then the curve statistics (:attr:`Report.statistics`), then the notes.
 
     Raises:
         ReportError: a path does not exist or holds no run, or no run has measurements.
@@ -63,6 +67,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     md_path, csv_path = out / "forgetting_table.md", out / "forgetting_table.csv"
     write_csv(rows, csv_path)
     figures, notes = save_figures(measured, rows, out)
-    markdown = to_markdown(rows) + "".join(f"\n{note}\n" for note in notes)
-    md_path.write_text(markdown)
-    return Report(rows, markdown, [md_path, csv_path, *figures], skipped, notes, _untested(measured))
+    table = to_markdown(rows)
+    statistics = statistics_markdown(rows)
+    notes_md = "".join(f"\n{note}\n" for note in notes)
+    md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{notes_md}")
+    return Report(
+        rows, table + notes_md, [md_path, csv_path, *figures], skipped, notes, _untested(measured), statistics
+    )
