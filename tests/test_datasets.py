@@ -261,3 +261,5 @@ def test_two_step_fit_on_each_dataset(name, tmp_path, no_md5, monkeypatch):
     config = str(ROOT / "configs" / "lora.yaml")
     cli = run_lightning(["fit", "--config", config, *tiny_options(tmp_path, name, root)])
     assert cli.trainer.global_step == 2 and "val/acc1" in cli.trainer.callback_metrics
+    # the run's config.yaml rebuilds the same data (the backbone link included) for `ftforget test`
+    assert main(["test", "--run", cli.trainer.log_dir]) == 0
