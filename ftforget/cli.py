@@ -55,6 +55,7 @@ class FTForgetCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")  # its mean/std
         parser.add_lightning_class_args(FTForgetCheckpoint, "checkpoint")  # a crash: interrupted-step<N>.ckpt
         parser.set_defaults(
             {

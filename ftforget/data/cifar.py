@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -17,10 +18,17 @@ from ftforget.machine import default_num_workers
 
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
 
+#: a normalisation: a name in :data:`NORMALIZATIONS`, or the ``(mean, std)`` itself
+Stats = str | tuple[Sequence[float], Sequence[float]]
 
-def train_transform(size: int, scale: tuple[float, float], normalization: str) -> T.Compose:
+
+def _stats(normalization: Stats) -> tuple[Sequence[float], Sequence[float]]:
+    return NORMALIZATIONS[normalization] if isinstance(normalization, str) else normalization
+
+
+def train_transform(size: int, scale: tuple[float, float], normalization: Stats) -> T.Compose:
     """The paper's augmentation: RandomResizedCrop of the small image to ``size``, horizontal flip."""
-    mean, std = NORMALIZATIONS[normalization]
+    mean, std = _stats(normalization)
     return T.Compose(
         [
             T.ToImage(),
@@ -32,9 +40,9 @@ def train_transform(size: int, scale: tuple[float, float], normalization: str) -
     )
 
 
-def eval_transform(size: int, normalization: str) -> T.Compose:
+def eval_transform(size: int, normalization: Stats) -> T.Compose:
     """The paper's evaluation transform: Resize to ``size``."""
-    mean, std = NORMALIZATIONS[normalization]
+    mean, std = _stats(normalization)
     return T.Compose(
         [
             T.ToImage(),
