@@ -42,6 +42,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"ftforget report: {err}\n")
         return 1
     sys.stdout.write(report.markdown + "\n")
+    if report.statistics:
+        sys.stdout.write("\n" + report.statistics.strip() + "\n\n")
     for path in report.files:
         sys.stdout.write(f"wrote {path}\n")
     for label, run in report.untested:
