@@ -115,3 +115,18 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tiny_trainer_options(tmp_path, steps: int) -> dict[str, str]:
+    """CLI trainer options of a short, quiet CPU fit that validates at its last step and logs under
+    ``tmp_path/runs`` (``--key value`` pairs without the dashes)."""
+    return {
+        "trainer.max_steps": str(steps),
+        "trainer.val_check_interval": str(steps),
+        "trainer.limit_val_batches": "2",
+        "trainer.accelerator": "cpu",
+        "trainer.devices": "1",
+        "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "false",
+        "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
+    }

@@ -18,6 +18,7 @@ from ftforget.backbones import build_backbone
 from ftforget.cli import run_lightning
 from ftforget.commands import main
 from ftforget.methods import LoRA, warmup_cosine
+from tests.helpers import tiny_trainer_options
 
 ROOT = Path(__file__).resolve().parents[1]
 # one config per method and table row; configs/forgetting.yaml is an add-on (a second --config) and
@@ -38,14 +39,7 @@ def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
         "data.init_args.batch_size": "16",
         "data.init_args.num_workers": "0",
         "data.init_args.image_size": "32",
-        "trainer.max_steps": str(steps),
-        "trainer.val_check_interval": str(steps),
-        "trainer.limit_val_batches": "2",
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
+        **tiny_trainer_options(tmp_path, steps),
     }
     return [item for key, value in options.items() for item in (f"--{key}", value)]
 

@@ -25,6 +25,7 @@ from ftforget.data import (
     ImageFolderDataModule,
 )
 from ftforget.data.new_task import backbone_stats
+from tests.helpers import tiny_trainer_options
 from tests.test_cli import CONFIGS, TINY12
 from tests.test_data import write_tiny_cifar100
 
@@ -208,14 +209,7 @@ def tiny_options(tmp_path: Path, name: str, root: Path, steps: int = 2) -> list[
         "data.init_args.num_workers": "0",
         "data.init_args.image_size": "32",
         "data.init_args.val_size": str(VAL_SIZE),
-        "trainer.max_steps": str(steps),
-        "trainer.val_check_interval": str(steps),
-        "trainer.limit_val_batches": "2",
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_model_summary": "false",
-        "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
+        **tiny_trainer_options(tmp_path, steps),
     }
     return ["--config", str(ROOT / "configs" / "data" / f"{name}.yaml")] + [
         item for key, value in options.items() for item in (f"--{key}", value)
