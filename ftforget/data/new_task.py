@@ -12,13 +12,61 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from ftforget.data.base import FineTuneDataModule
-from ftforget.data.cifar import NORMALIZATIONS, eval_transform, holdout_split, train_transform
 from ftforget.data.probe import ProbeData
+from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ftforget.machine import default_num_workers
+
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3)}
+
+#: a normalisation: a name in :data:`NORMALIZATIONS`, or the ``(mean, std)`` itself
+Stats = str | tuple[Sequence[float], Sequence[float]]
+
+
+def _stats(normalization: Stats) -> tuple[Sequence[float], Sequence[float]]:
+    return NORMALIZATIONS[normalization] if isinstance(normalization, str) else normalization
+
+
+def train_transform(size: int, scale: tuple[float, float], normalization: Stats) -> T.Compose:
+    """The paper's augmentation: RandomResizedCrop of the small image to ``size``, horizontal flip."""
+    mean, std = _stats(normalization)
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=scale, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(size: int, normalization: Stats) -> T.Compose:
+    """The paper's evaluation transform: Resize to ``size``."""
+    mean, std = _stats(normalization)
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.Resize((size, size), antialias=True),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def holdout_split(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed-seed (train, val) split of ``range(n)``; the same for every process and every run."""
+    if not 0 < val_size < n:
+        raise ValueError(
+            f"data.val_size={val_size} must be between 1 and the training set size - 1 ({n - 1})"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[val_size:]), sorted(perm[:val_size])
+
 
 #: ``normalization`` values: the backbone's pretrained mean/std, or a fixed pair (:data:`NORMALIZATIONS`)
 NORMALIZATION_CHOICES = ("backbone", *NORMALIZATIONS)

@@ -1,9 +1,9 @@
-"""CIFAR-10, DTD, Food-101 and Flowers-102 through torchvision's dataset classes, as new tasks.
+"""CIFAR-100 (:mod:`ftforget.data.cifar`), CIFAR-10, DTD, Food-101 and Flowers-102 through torchvision's dataset classes, as new tasks.
 
 One data module per dataset, all the same code (:class:`TorchvisionDataModule`, on
 :class:`~ftforget.data.new_task.NewTaskDataModule`): an entry of :data:`TORCHVISION_SETS` says which
 torchvision class reads it, its folder and files, its class count and which splits it stores. DTD and
-Flowers-102 have their own validation split; CIFAR-10 and Food-101 hold one out of their training set.
+Flowers-102 have their own validation split; CIFAR and Food-101 hold one out of their training set.
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ class TorchvisionSet:
 
 #: name -> how torchvision reads it
 TORCHVISION_SETS: dict[str, TorchvisionSet] = {
+    "cifar100": TorchvisionSet(
+        "CIFAR-100",
+        datasets.CIFAR100,
+        100,
+        "'cifar-100-python/' with files 'train', 'test' and 'meta'",
+        {"train": {"train": True}, "test": {"train": False}},
+    ),
     "cifar10": TorchvisionSet(
         "CIFAR-10",
         datasets.CIFAR10,
