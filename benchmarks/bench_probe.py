@@ -34,7 +34,7 @@ from ftforget.data.imagenet import ImageNetProbe
 from ftforget.forgetting import DEFAULT_EVAL_STEPS, ForgettingCallback
 from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.features import ShardFeatures, extract_features
-from ftforget.forgetting.sharded_knn import sharded_knn_counts
+from ftforget.forgetting.sharded_knn import sharded_knn_hits
 from ftforget.methods import FullFineTuning
 from ftforget.methods.schedule import paper_recipe
 
@@ -149,7 +149,7 @@ def bench_knn(args: argparse.Namespace, dim: int, device: torch.device) -> None:
     query_f = ShardFeatures(queries, q_labels, torch.arange(args.num_queries, device=device))
     start = time.perf_counter()
     chunks = KNNConfig()
-    sharded_knn_counts(query_f, bank_f, 1000, args.k, 0.07, chunks.query_chunk, chunks.bank_chunk)
+    sharded_knn_hits(query_f, bank_f, 1000, args.k, 0.07, chunks.query_chunk, chunks.bank_chunk)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -24,10 +24,11 @@ from ftforget import machine
 from ftforget.cli import run_lightning
 from ftforget.commands import main
 from ftforget.data.cifar import CIFAR100DataModule
+from ftforget.data.new_task import NewTaskDataModule
 from ftforget.data.pixel_cache import PixelCacheDataset, build_pixel_cache
 from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.features import extract_features
-from ftforget.forgetting.sharded_knn import sharded_knn_counts
+from ftforget.forgetting.sharded_knn import sharded_knn_hits
 from ftforget.logging_setup import LEAFSPEC_WARNING, LIGHTNING_RANK_ZERO_LOGGER, silence_known_noise
 from ftforget.methods import FullFineTuning
 from ftforget.progress import PROGRESS_ENV, StepProgressBar, progress_bar, progress_enabled
@@ -95,7 +96,7 @@ def test_extraction_bar_counts_every_image_and_changes_nothing(bars, monkeypatch
 def test_knn_bar_counts_every_query(bars):
     bank, queries = _extract(_images(40)), _extract(_images(23, seed=1))
     bars.clear()
-    counts = sharded_knn_counts(queries, bank, 3, [5], 0.07, query_chunk=4, bank_chunk=16)
+    counts, _ = sharded_knn_hits(queries, bank, 3, [5], 0.07, query_chunk=4, bank_chunk=16)
     (bar,) = bars
     assert (bar.total, bar.n, bar.unit, bar.drawn) == (23, 23, "query", True)
     assert sum(counts[5]) > 0
@@ -244,7 +245,9 @@ def test_defaults_follow_the_cores(monkeypatch, cores, workers, threads):
 
 def test_data_module_and_pixel_cache_take_the_machine_default():
     default = machine.default_num_workers()
-    assert inspect.signature(CIFAR100DataModule).parameters["num_workers"].default == default
+    # CIFAR-100 takes num_workers from the shared new-task base (its **kwargs): the default is the base's.
+    assert inspect.signature(NewTaskDataModule).parameters["num_workers"].default == default
+    assert CIFAR100DataModule(root="anywhere").num_workers == default
     assert inspect.signature(build_pixel_cache).parameters["num_workers"].default is None  # resolved inside
 
 

@@ -36,26 +36,6 @@ def gather_queries(local: ShardFeatures, expected: int) -> ShardFeatures:
     return ShardFeatures(feats[order], labels[order], indices)
 
 
-def sharded_knn_counts(
-    queries: ShardFeatures,
-    bank: ShardFeatures,
-    num_classes: int,
-    ks: Sequence[int],
-    temperature: float,
-    query_chunk: int,
-    bank_chunk: int,
-) -> dict[int, tuple[int, int]]:
-    """Top-1 and top-5 hit counts per k of every query against the bank sharded over the ranks.
-
-    Every rank holds all queries and its own bank shard; per query chunk (the same chunks on every rank)
-    each rank finds its local top-k, the candidates are all-gathered and merged, and every rank votes on
-    the merged top-k, so all ranks end with the same counts without a broadcast. Rank 0 shows the
-    queries done (:func:`~ftforget.progress.progress_bar`).
-    """
-    counts, _ = sharded_knn_hits(queries, bank, num_classes, ks, temperature, query_chunk, bank_chunk)
-    return counts
-
-
 def sharded_knn_hits(
     queries: ShardFeatures,
     bank: ShardFeatures,
@@ -65,10 +45,16 @@ def sharded_knn_hits(
     query_chunk: int,
     bank_chunk: int,
 ) -> tuple[dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
-    """:func:`sharded_knn_counts` and, per k, the per-query top-1 hit vector.
+    """Top-1 and top-5 hit counts per k of every query against the bank sharded over the ranks, and per k
+    the per-query top-1 hit vector.
+
+    Every rank holds all queries and its own bank shard; per query chunk (the same chunks on every rank)
+    each rank finds its local top-k, the candidates are all-gathered and merged, and every rank votes on
+    the merged top-k, so all ranks end with the same counts without a broadcast. Rank 0 shows the
+    queries done (:func:`~ftforget.progress.progress_bar`).
 
     Returns:
-        ``(counts, hits)``: the counts of :func:`sharded_knn_counts`, and per k a ``(Q,)`` bool CPU tensor
+        ``(counts, hits)``: per k, ``(top-1 hits, top-5 hits)``, and a ``(Q,)`` bool CPU tensor
         in the order of ``queries`` (by sample index after :func:`gather_queries`), True where the
         query's top-1 prediction is its label; ``hits[k].sum()`` is ``counts[k][0]``. Every rank votes
         on the same merged top-k, so every rank ends with the same vectors.
