@@ -12,75 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
-#: suffix of the temporary files (hidden, and not ``*.ckpt``: never mistaken for a checkpoint)
-TMP_SUFFIX = ".tmp"
+from ftforget.files import TMP_SUFFIX, atomic_copy, atomic_target, atomic_write
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_target(path: _PATH) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it when the block ends without an exception.
-
-    Whatever goes wrong in the block (an ``OSError`` such as ``ENOSPC``, a ``KeyboardInterrupt``) removes
-    the temporary file and leaves ``path`` untouched.
-
-    Args:
-        path: the destination file.
-
-    Yields:
-        The temporary path to write (already created, empty).
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(dest.parent)
-
-
-def atomic_write(path: _PATH, write: Callable[[IO[bytes]], Any]) -> None:
-    """Writes ``path`` atomically: ``write(f)`` fills a temporary file that is flushed, fsynced and renamed.
-
-    Args:
-        path: the destination file.
-        write: called with the open binary temporary file.
-    """
-    with atomic_target(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_copy(src: _PATH, dest: _PATH) -> None:
-    """Copies ``src`` to ``dest`` atomically (``dest`` is never truncated in place)."""
-    with open(src, "rb") as source:
-        atomic_write(dest, lambda f: shutil.copyfileobj(source, f))
+__all__ = [
+    "AtomicCheckpointIO",
+    "atomic_copy",
+    "atomic_symlink",
+    "atomic_target",
+    "atomic_write",
+    "with_atomic_checkpoint_io",
+]
 
 
 def atomic_symlink(target: str, link: _PATH) -> None:

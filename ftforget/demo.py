@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import yaml
 
 import ftforget
 from ftforget.data.digits import DigitsBankDataModule
+from ftforget.files import atomic_write
 from ftforget.forgetting.config import eval_steps_until
 from ftforget.methods import FullFineTuning
 from ftforget.methods.schedule import paper_recipe
@@ -113,11 +113,8 @@ def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
     _say(f"pretraining the backbone on digits {settings.old_digits} ({settings.steps} steps) ...")
     start = time.perf_counter()
     state, train_acc = pretrain(settings)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed: an interrupted run never leaves a truncated cache entry.
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Written atomically: an interrupted run never leaves a truncated cache entry.
+    atomic_write(path, lambda f: torch.save(state, f))
     seconds = time.perf_counter() - start
     info = {"settings": asdict(settings), "bank_acc1": train_acc, "seconds": seconds}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ftforget.files import append_jsonl
+
 CONFIG_FILE = "config.yaml"
 TEST_RESULTS = "test_results.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -153,12 +155,8 @@ def resolve_checkpoint(run_dir: Path | None, which: str) -> Path:
 
 
 def append_test_result(run_dir: Path, record: dict) -> None:
-    """Appends one test's record to the run's ``test_results.jsonl`` (rewritten whole, then renamed)."""
-    path = run_dir / TEST_RESULTS
-    lines = path.read_text() if path.is_file() else ""
-    tmp = path.with_name(f".{TEST_RESULTS}.{os.getpid()}.tmp")
-    tmp.write_text(lines + json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    """Appends one test's record to the run's ``test_results.jsonl``, atomically."""
+    append_jsonl(run_dir / TEST_RESULTS, record)
 
 
 def read_test_results(run_dir: Path) -> list[dict]:

@@ -33,6 +33,7 @@ from ftforget.cli import check_config_files
 from ftforget.data.digits import DigitsProbe  # noqa: F401  (importable by its short name)
 from ftforget.data.imagenet import ImageNetProbe  # noqa: F401
 from ftforget.data.probe import ProbeData
+from ftforget.files import append_jsonl, atomic_write
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
 from ftforget.forgetting.collectives import dist_info
 from ftforget.forgetting.config import KNNConfig
@@ -156,10 +157,7 @@ def record_in_run(run_dir: Path, ckpt: Path, report: dict) -> None:
 
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
     record = {**report, "checkpoint": ckpt.name, "step": step}
-    path = run_dir / MEASURE_RESULTS
-    tmp = path.with_name(f".{MEASURE_RESULTS}.{os.getpid()}.tmp")
-    tmp.write_text((path.read_text() if path.is_file() else "") + json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    append_jsonl(run_dir / MEASURE_RESULTS, record)
     writer = SummaryWriter(str(run_dir))
     try:
         for row in report["results"]:
@@ -212,10 +210,7 @@ def main(argv: list[str]) -> int:
                 release_runs()
             sys.stdout.write(f"recorded in {run_dir / MEASURE_RESULTS} and its TensorBoard events\n")
         if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, output)
+            atomic_write(output, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
             sys.stdout.write(f"wrote {output}\n")
     if joined:
         dist.destroy_process_group()

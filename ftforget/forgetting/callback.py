@@ -9,7 +9,6 @@ the exact prior train flags and random states (:func:`~ftforget.inference.measur
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ftforget.backbones import input_size
 from ftforget.data.probe import ProbeData
+from ftforget.files import atomic_write
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
 from ftforget.forgetting.collectives import all_ranks_agree, all_reduce_sum
 from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, to_dtype
@@ -168,10 +168,8 @@ class ForgettingCallback(L.Callback):
         if trainer.is_global_zero:
             # Rewrite from the (restored) state: lines a killed run wrote after its last checkpoint vanish,
             # and a resumed run logging to a new directory still gets the whole curve.
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, self._path)
+            lines = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+            atomic_write(self._path, lambda f: f.write(lines))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
