@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": set(),
     "machine": set(),
     "files": set(),
+    "config_files": set(),
     "checkpoint_io": {"files"},
     "guards": set(),
     "stats": set(),
@@ -30,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"methods", "runs", "stats"},
     "cli": {
         "backbones",
+        "config_files",
         "checkpoint_io",
         "checkpointing",
         "data",
@@ -55,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
         "sweep",
     },
     "commands": {
+        "config_files",
         "files",
         "backbones",
         "cli",

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from ftforget.cli import check_config_file
 from ftforget.commands import main
+from ftforget.config_files import check_config_file
 from ftforget.data.pixel_cache import PixelCacheDataset
 from ftforget.report.runs import ReportError, event_file_damage, read_measurements, read_scalars
 from tests.helpers import warnings_of

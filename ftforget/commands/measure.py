@@ -29,7 +29,7 @@ import torch.distributed as dist
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ftforget.backbones import build_backbone, input_size
-from ftforget.cli import check_config_files
+from ftforget.config_files import check_config_files
 from ftforget.data.digits import DigitsProbe  # noqa: F401  (importable by its short name)
 from ftforget.data.imagenet import ImageNetProbe  # noqa: F401
 from ftforget.data.probe import ProbeData
