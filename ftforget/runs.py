@@ -41,7 +41,8 @@ def checkpoints_of(run_dir: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
 
 
-def _require_run(run_dir: Path, option: str) -> Path:
+def require_run(run_dir: Path, option: str) -> Path:
+    """``run_dir`` if it is a run directory, else a :class:`RunError` naming ``option`` and what is missing."""
     if not run_dir.is_dir():
         raise RunError(f"{option} {str(run_dir)!r}: no such directory")
     if not is_run_dir(run_dir):
@@ -79,7 +80,7 @@ def expand_run_options(argv: list[str]) -> list[str]:
             value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
             if not value:
                 raise RunError(f"{option} needs a run directory, e.g. runs/lora_r8/version_0")
-            run_dir = _require_run(Path(value).expanduser(), option)
+            run_dir = require_run(Path(value).expanduser(), option)
             i += 1 if "=" in arg else 2
             continue
         kept.append(arg)

@@ -133,6 +133,11 @@ def test_best_and_last_fail_with_the_runs_checkpoints(tmp_path: Path, capsys) ->
     assert "no such directory" in capsys.readouterr().err
     assert main(["fit", "--resume", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+    assert main(["measure", "--run", str(tmp_path), "--probe", "DigitsProbe"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--run '{tmp_path}' is not a run directory" in line
+    assert main(["measure", "--ckpt_path", "best", "--probe", "DigitsProbe"]) == 2
+    assert "which run? give --run RUN_DIR" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from ftforget.forgetting.config import KNNConfig
 from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe
 from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods.registry import load_method
-from ftforget.runs import RunError, is_run_dir, lock_run, release_runs, resolve_checkpoint
+from ftforget.runs import RunError, lock_run, release_runs, require_run, resolve_checkpoint
 
 
 def build_parser() -> ArgumentParser:
@@ -78,9 +78,7 @@ def _check_sources(cfg: Namespace) -> Path | None:
     """Resolves ``--run`` (and its ``best``/``last``) into ``cfg.ckpt_path``; returns the run directory."""
     run_dir = None
     if cfg.run is not None:
-        run_dir = Path(cfg.run).expanduser()
-        if not is_run_dir(run_dir):
-            raise RunError(f"--run {str(run_dir)!r} is not a run directory (config.yaml and checkpoints/)")
+        run_dir = require_run(Path(cfg.run).expanduser(), "--run")
         which = cfg.ckpt_path or "last"
         cfg.ckpt_path = str(resolve_checkpoint(run_dir, which) if which in ("best", "last") else Path(which))
     elif cfg.ckpt_path in ("best", "last"):
