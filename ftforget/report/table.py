@@ -141,9 +141,10 @@ def _measured(run: Run) -> dict[str, Any]:
     end_step = max(curve)
     end = curve[end_step]
     start = curve.get(0)
+    statistics_ = curve_statistics(curve)
     drop_abs = run.logged_at("drop_abs", end_step)
-    if drop_abs is None and start is not None:
-        drop_abs = start - end
+    if drop_abs is None:
+        drop_abs = statistics_["final_drop"]  # acc_0 - acc_end, None without step 0
     drop_rel = run.logged_at("drop_rel", end_step)
     if drop_rel is None and start:
         drop_rel = (start - end) / start
@@ -152,7 +153,7 @@ def _measured(run: Run) -> dict[str, Any]:
     last = next((r for r in head if int(r["step"]) == end_step), {})
     top1_ci, drop_ci = _interval(last.get("top1_ci")), _interval(last.get("drop_abs_ci"))
     return {
-        **curve_statistics(curve),
+        **statistics_,
         "probe_acc_end_ci": top1_ci,
         "drop_abs_ci": drop_ci,
         "new_task_test_acc1": test,
@@ -197,10 +198,7 @@ def summarize_group(group: RunGroup) -> Row:
     """
     measured = [_measured(run) for run in group.runs]
     stats: dict[str, Any] = {}
-    for name in AGGREGATED:
-        values = [m[name] for m in measured if m[name] is not None]
-        stats[name], stats[f"{name}_std"] = mean_std(values)
-    for name in CURVE_STATS:
+    for name in (*AGGREGATED, *CURVE_STATS):
         values = [m[name] for m in measured if m[name] is not None]
         stats[name], stats[f"{name}_std"] = mean_std(values)
         if name in STEPS_TO_DROP:
