@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "progress": {"forgetting.collectives"},  # the rank, from the one place that knows it
     "logging_setup": {"progress"},
     "data": {"machine", "progress"},
-    "methods": {"adapters", "backbones", "inference"},
+    "methods": {"adapters", "backbones", "inference", "runs"},
     "forgetting": {"backbones", "files", "guards", "inference", "data.probe", "machine", "progress", "stats"},
     "report": {"methods", "runs", "stats"},
     "cli": {

@@ -9,7 +9,8 @@ exactly the function of the original, and only the copies are trained.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -65,3 +66,16 @@ def identity_copy(block: nn.Module) -> nn.Module:
             nn.init.zeros_(layer.bias)
     new.requires_grad_(True)
     return new
+
+
+@contextmanager
+def expansion_skipped(vit: nn.Module, new_indices: Sequence[int]) -> Iterator[None]:
+    """Runs ``vit`` without the blocks at ``new_indices`` (the original network's function, no copy of any
+    weight); the expanded ``blocks`` are put back after."""
+    expanded = vit.blocks
+    skip = set(new_indices)
+    vit.blocks = nn.Sequential(*(b for i, b in enumerate(expanded) if i not in skip))
+    try:
+        yield
+    finally:
+        vit.blocks = expanded

@@ -22,6 +22,16 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim, restored_later
+from ftforget.methods.regularizers import (
+    OPTION,
+    Anchors,
+    check_weight,
+    distillation_loss,
+    eval_mode,
+    frozen_copy,
+    l2sp_penalty,
+    load_head,
+)
 from ftforget.methods.schedule import (
     build_lr_scheduler,
     build_optimizer,
@@ -85,6 +95,16 @@ class FineTuningModule(L.LightningModule):
         label_smoothing: cross-entropy label smoothing (the paper uses none).
         compile: run the backbone through ``torch.compile`` (first steps are slow while it compiles;
             parameters and checkpoints are unchanged).
+        l2sp_weight: L2-SP: weight λ of ``λ Σ ||θ - θ0||²`` over the trainable backbone parameters, θ0 their
+            step-0 values (:mod:`~ftforget.methods.regularizers`); 0: off. Logged as ``train/loss_l2sp``.
+        distill_weight: feature distillation: weight λ of ``λ · mean ||f(x) - f0(x)||²`` between the
+            backbone feature and the frozen step-0 network's on the training batch; 0: off. Logged as
+            ``train/loss_distill``. LoRA and Block Expansion need no second copy of the backbone; full and
+            top-k fine-tuning keep a frozen one.
+        lp_steps: LP-FT inside one run: for the first ``lp_steps`` optimizer steps only the head trains (a
+            linear probe), then the method; 0: off.
+        head_from: LP-FT from a linear-probe run: a run directory (its best checkpoint) or a ``.ckpt`` whose
+            head initialises this model's head (same backbone and classes). Read once, when the run starts.
     """
 
     #: how tables and figures name the method; ``{arg}`` fields are filled from its init arguments
@@ -101,10 +121,18 @@ class FineTuningModule(L.LightningModule):
         lr_scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
+        l2sp_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        lp_steps: int = 0,
+        head_from: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_weight("l2sp_weight", l2sp_weight)
+        check_weight("distill_weight", distill_weight)
+        if lp_steps < 0:
+            raise ValueError(f"{OPTION}.lp_steps must be >= 0, got {lp_steps}")
         # The recipe itself goes into the hyperparameters (not None): a checkpoint rebuilds the same one
         # even if the defaults change.
         optimizer, lr_scheduler = (
@@ -119,6 +147,9 @@ class FineTuningModule(L.LightningModule):
             backbone, checkpoint=checkpoint, pretrained=pretrained, **(backbone_kwargs or {})
         )
         self.head = nn.Linear(feature_dim(self.backbone), num_classes)
+        if head_from is not None and not restored_later():  # a restore brings the trained head back
+            source = load_head(head_from, self.head)
+            rank_zero_info(f"{type(self).__name__}: head initialised from {source} (LP-FT)")
         # Kept out of the module tree so that state-dict keys and checkpoints do not change.
         self._compiled: list[nn.Module] = []
         top5 = min(5, num_classes)
@@ -145,16 +176,83 @@ class FineTuningModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- trainability
     def set_trainable(self, modules: Iterable[nn.Module | nn.Parameter]) -> None:
-        """Freezes every parameter, then unfreezes exactly those of ``modules`` (selected by identity)."""
+        """Freezes every parameter, then unfreezes exactly those of ``modules`` (selected by identity).
+
+        Then sets up the anti-forgetting terms that are switched on: they need to know what trains.
+        """
         self.requires_grad_(False)
         for item in modules:
             item.requires_grad_(True)
+        self._setup_regularizers()
+
+    def _setup_regularizers(self) -> None:
+        hp = self.hparams
+        trainable = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        if not trainable:
+            asked = [f"{OPTION}.{k}" for k in ("l2sp_weight", "distill_weight", "lp_steps") if hp.get(k)]
+            if asked:
+                raise ValueError(
+                    f"{', '.join(asked)}: {type(self).__name__} trains no backbone parameter, so there is "
+                    "nothing to regularise or to stage (set them to 0)"
+                )
+            return
+        if hp.get("l2sp_weight"):
+            self.l2sp_anchors = Anchors(trainable)
+        if hp.get("distill_weight") and self.pretrained_context() is None:
+            self.distill_teacher = frozen_copy(self.backbone)
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters of backbone and head."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, total) parameters of backbone and head (a distillation teacher's not counted)."""
+        params = [p for n, p in self.named_parameters() if not n.startswith("distill_teacher.")]
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
         return trainable, total
+
+    # ------------------------------------------------------------------- the step-0 network, the knob
+    def pretrained_context(self) -> AbstractContextManager | None:
+        """A context in which ``self.backbone`` computes its step-0 (pretrained) function without a copy, or
+        None where the method cannot switch its change off (full and top-k fine-tuning)."""
+        return None
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature of the frozen step-0 network (feature distillation's target), in eval mode, no grad."""
+        with torch.no_grad():
+            context = self.pretrained_context()
+            if context is None:
+                teacher = self.distill_teacher
+                teacher.eval()
+                return teacher(x)
+            with eval_mode(self.backbone), context:
+                return self.backbone(x)
+
+    @torch.no_grad()
+    def apply_knob(self, start: FineTuningModule, a: float) -> None:
+        """Sets every backbone weight to ``W0 + a (W1 - W0)`` in place (``torch.lerp``: exact at 0 and 1),
+        ``W1`` this model's, ``W0`` those of ``start`` (the same method at step 0); the head is kept.
+
+        Raises:
+            ValueError: ``start`` has other weights or, where this model has frozen weights, different ones.
+        """
+        self.check_knob_start(start)
+        ends = self.backbone.state_dict()
+        starts = start.backbone.state_dict()
+        for name, end in ends.items():
+            if end.is_floating_point():
+                end.copy_(torch.lerp(starts[name].to(end.device, end.dtype), end, a))
+
+    def check_knob_start(self, start: FineTuningModule) -> None:
+        """``start`` must have this backbone's tensors, and its frozen ones bit for bit (else it is not the
+        step-0 model of this run: another weights file, another architecture)."""
+        ends, starts = self.backbone.state_dict(), start.backbone.state_dict()
+        if list(ends) != list(starts) or any(ends[k].shape != starts[k].shape for k in ends):
+            raise ValueError("the step-0 model has other backbone tensors than the checkpoint")
+        frozen = {n for n, p in self.backbone.named_parameters() if not p.requires_grad}
+        differ = [n for n in frozen if not torch.equal(ends[n].cpu(), starts[n].cpu())]
+        if differ:
+            raise ValueError(
+                f"the step-0 model's frozen weights differ from the checkpoint's in {len(differ)} tensors "
+                f"(e.g. {differ[0]!r}): it was not built from the weights the run started from"
+            )
 
     # ------------------------------------------------- what the probe measures (ftforget.inference)
     @property
@@ -186,10 +284,37 @@ class FineTuningModule(L.LightningModule):
         """Logits of a training batch (a method with cached features overrides this)."""
         return self(x)
 
+    def in_probe_stage(self) -> bool:
+        """Whether this step is in LP-FT's first stage (``lp_steps``), where only the head trains."""
+        return self.global_step < self.hparams.get("lp_steps", 0)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = self.training_logits(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        hp = self.hparams
+        probe_stage = self.in_probe_stage()
+        distill = bool(hp.get("distill_weight")) and not probe_stage
+        features = None
+        if probe_stage:
+            with torch.no_grad():  # the backbone's parameters get no gradient: the optimiser skips them
+                features = self.features(x)
+            logits = self.head(features)
+        elif distill:
+            features = self.features(x)
+            logits = self.head(features)
+        else:
+            logits = self.training_logits(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+        terms: dict[str, torch.Tensor] = {}
+        if hp.get("l2sp_weight") and not probe_stage:
+            terms["l2sp"] = hp.l2sp_weight * l2sp_penalty(self.backbone, self.l2sp_anchors)
+        if distill:
+            assert features is not None
+            terms["distill"] = hp.distill_weight * distillation_loss(features, self.frozen_features(x))
+        if terms:  # each term on its own curve; train/loss is their sum
+            self.log("train/loss_ce", loss)
+            for name, term in terms.items():
+                self.log(f"train/loss_{name}", term)
+                loss = loss + term
         self.train_acc1(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
@@ -231,7 +356,9 @@ class FineTuningModule(L.LightningModule):
         # the internet) is not. The original source stays in the run's hparams.yaml and config.yaml.
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
-            checkpoint["hyper_parameters"] = {**hparams, "checkpoint": None, "pretrained": False}
+            checkpoint["hyper_parameters"] = {
+                **hparams, "checkpoint": None, "pretrained": False, "head_from": None
+            }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":

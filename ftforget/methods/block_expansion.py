@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
-from ftforget.adapters.block_expansion import expand, paper_positions
+from ftforget.adapters.block_expansion import expand, expansion_skipped, paper_positions
 from ftforget.methods.base import FineTuningModule
 
 
@@ -40,3 +41,7 @@ class BlockExpansion(FineTuningModule):
         self.new_block_indices = expand(self.backbone, chosen)
         new_blocks = [self.backbone.blocks[i] for i in self.new_block_indices]
         self.set_trainable([*new_blocks, self.head])
+
+    def pretrained_context(self) -> AbstractContextManager:
+        """The network without its new blocks: the pretrained function, with no copy of any weight."""
+        return expansion_skipped(self.backbone, self.new_block_indices)

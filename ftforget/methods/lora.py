@@ -6,7 +6,16 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from ftforget.adapters.lora import apply_lora, lora_disabled, lora_merged, merge_lora, unmerge_lora
+import torch
+
+from ftforget.adapters.lora import (
+    apply_lora,
+    lora_disabled,
+    lora_merged,
+    lora_modules,
+    merge_lora,
+    unmerge_lora,
+)
 from ftforget.methods.base import FineTuningModule
 
 
@@ -62,3 +71,15 @@ class LoRA(FineTuningModule):
         """Context in which the backbone computes its original, pretrained function."""
         with lora_disabled(self.backbone):
             yield
+
+    def pretrained_context(self) -> AbstractContextManager:
+        """The adapters switched off: the pretrained function, with no copy of any weight."""
+        return self.adapter_disabled()
+
+    @torch.no_grad()
+    def apply_knob(self, start: FineTuningModule, a: float) -> None:
+        """``W0 + a (W1 - W0)`` for LoRA: the frozen weights are ``W0`` and the update ``W1 - W0`` is
+        ``scale * B @ A`` (``B`` starts at zero), so the knob multiplies every adapter's scale by ``a``."""
+        self.check_knob_start(start)
+        for module in lora_modules(self.backbone):
+            module.scale = module.alpha / module.r * a

@@ -1,0 +1,128 @@
+"""Anti-forgetting baselines that compose with every method: L2-SP, feature distillation, LP-FT.
+
+Each is switched on by one argument of :class:`~ftforget.methods.base.FineTuningModule` (so by config, for
+any method) and is off by default; off, it adds no parameter, buffer or computation, so training is
+bit-identical to the plain method.
+
+- **L2-SP** (Li et al., 2018), ``l2sp_weight`` = λ: adds ``λ Σ ||θ - θ0||²`` over the method's trainable
+  backbone parameters, ``θ0`` their values at step 0 (kept as buffers, so also in checkpoints: a resumed
+  run pulls toward the same point). The head is left out: its step-0 value is a random initialisation, not
+  pretrained knowledge. The gradient of the term is ``2 λ (θ - θ0)``.
+- **Feature distillation** (LDIFS-style, Mukhoti et al., 2023), ``distill_weight`` = λ: adds
+  ``λ · mean_batch ||f(x) - f0(x)||²``, where ``f`` is the backbone feature the probe measures (CLS after
+  the final norm) and ``f0`` the same feature of the frozen step-0 network, on the new-task batch. The
+  step-0 network needs no second copy where the method can switch its change off: LoRA runs its backbone
+  with the adapters disabled, Block Expansion without its new blocks. Full and top-k fine-tuning keep a
+  frozen copy of the backbone (for ViT-B/16: 85.8M parameters, 343 MB in fp32, also stored in checkpoints)
+  and spend one more forward pass (no backward) per step.
+- **LP-FT** (Kumar et al., 2022): the head is first trained as a linear probe, then the method trains. Either
+  from a linear-probe run (``head_from``: its checkpoint's head initialises this run's head) or as a first
+  stage inside one run (``lp_steps``: for the first steps only the head gets gradients; the backbone's
+  trainable parameters get none, so every optimiser leaves them bit-identical).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftforget.runs import require_run, resolve_checkpoint
+
+#: the option prefix in messages (the CLI's and the configs' spelling)
+OPTION = "model.init_args"
+
+
+def check_weight(name: str, value: float) -> float:
+    """A penalty weight: a finite number >= 0."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{OPTION}.{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+class Anchors(nn.Module):
+    """The step-0 values of parameters, as buffers (state-dict keys ``<param name with '.' -> '__'>``)."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        super().__init__()
+        self.names = [name for name, _ in named]
+        for name, param in named:
+            self.register_buffer(name.replace(".", "__"), param.detach().clone())
+
+    def anchor(self, name: str) -> torch.Tensor:
+        return getattr(self, name.replace(".", "__"))
+
+
+def l2sp_penalty(module: nn.Module, anchors: Anchors) -> torch.Tensor:
+    """``Σ ||θ - θ0||²`` over the anchored parameters of ``module`` (unweighted)."""
+    params = dict(module.named_parameters())
+    total = torch.zeros((), device=next(iter(params.values())).device)
+    for name in anchors.names:
+        theta = params[name]
+        total = total + (theta - anchors.anchor(name).to(theta.dtype)).pow(2).sum()
+    return total
+
+
+def distillation_loss(features: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """``mean_batch ||f - f0||²`` (squared L2 distance per sample, summed over the feature, batch mean)."""
+    return (features - frozen.detach().to(features.dtype)).pow(2).sum(dim=-1).mean()
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every parameter frozen, in eval mode."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no dropout, no drop-path) inside; each one's own flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def load_head(source: str, head: nn.Linear) -> str:
+    """Copies the head of a run or checkpoint into ``head`` (``head_from``, LP-FT's second stage).
+
+    Args:
+        source: a ``.ckpt`` file, or a run directory (its ``best`` checkpoint, the one selected on validation).
+        head: this model's head; its shape must match the checkpoint's.
+
+    Returns:
+        The checkpoint file the head came from.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = resolve_checkpoint(require_run(path, f"{OPTION}.head_from"), "best")
+    if not path.is_file():
+        raise FileNotFoundError(f"{OPTION}.head_from: {str(path)!r} is neither a checkpoint file nor a run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(
+            f"{OPTION}.head_from: {str(path)!r} is not a readable Lightning checkpoint ({err})"
+        ) from None
+    weight, bias = state.get("head.weight"), state.get("head.bias")
+    if weight is None or bias is None:
+        raise ValueError(f"{OPTION}.head_from: {str(path)!r} has no 'head.weight'/'head.bias'")
+    if tuple(weight.shape) != tuple(head.weight.shape):
+        raise ValueError(
+            f"{OPTION}.head_from: the head in {str(path)!r} is {tuple(weight.shape)} (classes x feature), this "
+            f"model's is {tuple(head.weight.shape)}: the probe must be of the same backbone and task"
+        )
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return str(path)
