@@ -34,8 +34,10 @@ from ftforget.methods import FullFineTuning
 from ftforget.methods.schedule import paper_recipe
 from ftforget.sweep import SweepRun, build_runs, run_sweep
 
-#: the methods in the paper's order; each is ``configs/demo/<name>.yaml``
-METHODS = ("full", "top1", "linear", "lora", "block_expansion")
+#: the methods in the paper's order, then an anti-forgetting baseline; each is ``configs/demo/<name>.yaml``
+METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_distill")
+#: the stability-plasticity knob values each demo run is measured at (``ftforget knob``)
+KNOB = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def demo_runs(
         *("--threads", str(args.threads)),
     ]
     config_sets = [[config_dir / f"{m}.yaml", config_dir / "common.yaml"] for m in methods]
-    return build_runs(config_sets, [args.seed], args.output, extra, test_ckpt="last")
+    return build_runs(config_sets, [args.seed], args.output, extra, test_ckpt="last", knob=KNOB)
 
 
 def run_demo(
@@ -178,6 +180,8 @@ def run_demo(
     report = write_report(run_dirs, args.output / "report")
     seconds = time.perf_counter() - start
     sys.stdout.write("\n" + report.markdown + "\n")
+    if report.knob_table:
+        sys.stdout.write("Stability-plasticity knob (ftforget knob):\n\n" + report.knob_table + "\n")
     _say(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
     _say(f"TensorBoard logs (tensorboard --logdir {args.output}):")
     for run_dir in run_dirs:

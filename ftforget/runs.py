@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ftforget.files import append_jsonl
+from ftforget.files import append_jsonl, atomic_write
 
 CONFIG_FILE = "config.yaml"
 TEST_RESULTS = "test_results.jsonl"
@@ -220,3 +220,22 @@ def release_runs() -> None:
     while _HELD:
         _, fd = _HELD.popitem()
         os.close(fd)  # closing the descriptor releases its flock
+
+
+#: the points ``ftforget knob`` measured (one line per knob value ``a``), in the run directory
+KNOB_FILE = "knob.jsonl"
+
+
+def write_knob_points(run_dir: Path, records: list[dict]) -> None:
+    """Replaces the run's knob points with ``records`` (one measurement of one checkpoint), atomically."""
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    atomic_write(run_dir / KNOB_FILE, lambda f: f.write(lines))
+
+
+def read_knob_points(run_dir: Path) -> list[dict]:
+    """The run's knob points by increasing ``a`` (none when the knob was never measured)."""
+    path = run_dir / KNOB_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(records, key=lambda r: float(r["alpha"]))

@@ -6,7 +6,8 @@ that a restarted sweep finds every run again and does only what is missing:
 - no run yet (or a start that died before its first checkpoint): ``ftforget fit``;
 - a run with a ``last.ckpt`` short of ``max_steps``: ``ftforget fit --resume``;
 - a trained run without a test of the requested checkpoint: ``ftforget test --run``;
-- a tested run: nothing.
+- with ``knob`` values, a tested run without knob points of that checkpoint: ``ftforget knob --run``;
+- a run with all of these: nothing.
 
 Runs go one after another in this process (:func:`run_sweep`), or one SLURM array task each
 (:func:`slurm_script`); :func:`plan_commands` prints what would run.
@@ -25,15 +26,15 @@ import torch
 import yaml
 
 from ftforget.resources import config_dir, demo_config_dir
-from ftforget.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST, read_test_results
+from ftforget.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST, read_knob_points, read_test_results
 
 #: the paper's ten rows, in its table order
 PAPER_CONFIGS = (
     "full", "top3", "linear", "lora_r4", "lora", "lora_r16",
     "block_expansion_p1", "block_expansion_p2", "block_expansion", "block_expansion_p4",
 )  # fmt: skip
-#: the demo's five methods, in the paper's order (each with ``common.yaml``)
-DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion")
+#: the demo's five methods in the paper's order and an anti-forgetting baseline (each with ``common.yaml``)
+DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_distill")
 
 
 def preset(name: str) -> list[list[Path]]:
@@ -60,6 +61,7 @@ class SweepRun:
         output: the sweep's directory; the run lives in ``output/name/seed<seed>``.
         extra: options for every fit after the configs (e.g. ``--trainer.max_steps 100``).
         test_ckpt: the checkpoint the run is tested on: ``best`` (selected on validation) or ``last``.
+        knob: the stability-plasticity knob values measured on that checkpoint (``ftforget knob``), or None.
     """
 
     name: str
@@ -68,6 +70,7 @@ class SweepRun:
     output: Path
     extra: list[str] = field(default_factory=list)
     test_ckpt: str = "best"
+    knob: list[float] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -89,8 +92,12 @@ class SweepRun:
         # --verbose false: no per-run results table, the sweep's report shows them all
         return ["test", "--run", str(self.run_dir), "--ckpt_path", self.test_ckpt, "--verbose", "false"]
 
+    def knob_args(self) -> list[str]:
+        alphas = "[" + ", ".join(f"{a:g}" for a in self.knob or []) + "]"
+        return ["knob", "--run", str(self.run_dir), "--ckpt_path", self.test_ckpt, "--alphas", alphas]
+
     def state(self) -> str:
-        """``new``, ``partial`` (resume it), ``trained`` (test it) or ``done``."""
+        """``new``, ``partial`` (resume it), ``trained`` (test it), ``tested`` (measure its knob) or ``done``."""
         last = self.run_dir / CHECKPOINT_DIR / LAST
         if not (self.run_dir / CONFIG_FILE).is_file() or not last.is_file():
             return "new"
@@ -102,16 +109,26 @@ class SweepRun:
             return "partial"
         if not any(r.get("requested") == self.test_ckpt for r in read_test_results(self.run_dir)):
             return "trained"
+        if self.knob and not self._knob_measured():
+            return "tested"
         return "done"
+
+    def _knob_measured(self) -> bool:
+        points = read_knob_points(self.run_dir)
+        measured = {float(p["alpha"]) for p in points if p.get("requested") == self.test_ckpt}
+        return set(map(float, self.knob or [])) <= measured
 
     def steps(self) -> list[list[str]]:
         """The ``ftforget`` commands still needed, given the run's state."""
         state = self.state()
+        knob = [self.knob_args()] if self.knob else []
         if state == "done":
             return []
+        if state == "tested":
+            return knob
         if state == "trained":
-            return [self.test_args()]
-        return [self.resume_args() if state == "partial" else self.fit_args(), self.test_args()]
+            return [self.test_args(), *knob]
+        return [self.resume_args() if state == "partial" else self.fit_args(), self.test_args(), *knob]
 
 
 def build_runs(
@@ -120,6 +137,7 @@ def build_runs(
     output: Path,
     extra: Sequence[str] = (),
     test_ckpt: str = "best",
+    knob: Sequence[float] | None = None,
 ) -> list[SweepRun]:
     """Every (config set, seed), config-major; names must be unique (the first config's stem)."""
     if not seeds:
@@ -137,7 +155,15 @@ def build_runs(
             if not Path(config).is_file():
                 raise FileNotFoundError(f"sweep: config file {str(config)!r} does not exist")
     return [
-        SweepRun(name, seed, [Path(c) for c in configs], output, list(extra), test_ckpt)
+        SweepRun(
+            name,
+            seed,
+            [Path(c) for c in configs],
+            output,
+            list(extra),
+            test_ckpt,
+            list(knob) if knob else None,
+        )
         for name, configs in zip(names, config_sets, strict=True)
         for seed in seeds
     ]

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"machine", "progress"},
     "methods": {"adapters", "backbones", "inference", "runs"},
     "forgetting": {"backbones", "files", "guards", "inference", "data.probe", "machine", "progress", "stats"},
-    "report": {"methods", "runs", "stats"},
+    "report": {"files", "methods", "runs", "stats"},
     "cli": {
         "backbones",
         "config_files",
@@ -71,6 +71,7 @@ ALLOWED: dict[str, set[str]] = {
         "report",
         "resources",
         "runs",
+        "stats",
         "sweep",
     },
     "__main__": {"commands"},

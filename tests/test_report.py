@@ -354,7 +354,10 @@ def test_no_test_accuracy_no_plane_and_the_reason(tmp_path: Path, capsys: pytest
     (out_dir / "stability_plasticity.png").write_bytes(b"stale")
     assert cli_main(["report", str(tmp_path / "runs"), "-o", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    reason = "stability_plasticity.png not written: no run has a new-task test accuracy (test/acc1)."
+    reason = (
+        "stability_plasticity.png not written: no run has a new-task test accuracy (test/acc1) or knob points "
+        "(ftforget knob)."
+    )
     assert out.count(reason) == 1
     assert reason in (out_dir / "forgetting_table.md").read_text()
     assert not (out_dir / "stability_plasticity.png").exists()

@@ -17,7 +17,8 @@ import yaml
 from ftforget.commands import main
 from ftforget.report import read_csv
 from ftforget.resources import config_dir, demo_config_dir
-from ftforget.sweep import PAPER_CONFIGS, SweepRun, build_runs, preset
+from ftforget.runs import write_knob_points
+from ftforget.sweep import DEMO_METHODS, PAPER_CONFIGS, SweepRun, build_runs, preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,8 @@ def test_a_task_is_one_run(tmp_path: Path, capsys) -> None:
         capsys.readouterr().out.splitlines()[1]
         == f"ftforget test --run {tmp_path}/top1/seed1 --ckpt_path best --verbose false"
     )
-    assert main([*base, "--task", "10"]) == 2
-    assert "--task 10: this sweep has runs 0 to 9" in capsys.readouterr().err
+    assert main([*base, "--task", "12"]) == 2
+    assert "--task 12: this sweep has runs 0 to 11" in capsys.readouterr().err
 
 
 def _fake_run(run: SweepRun, step: int, max_steps: int, tested: str | None = None) -> None:
@@ -98,6 +99,28 @@ def test_each_state_gets_only_what_it_misses(tmp_path: Path) -> None:
         [],
         [["test", "--run"]],
     ]
+
+
+def test_a_knob_is_measured_once_after_the_test(tmp_path: Path, capsys) -> None:
+    runs = build_runs(preset("demo")[:1], [0, 1, 2], tmp_path, knob=[0.5, 1])
+    _fake_run(runs[0], 5, 5)  # trained
+    _fake_run(runs[1], 5, 5, tested="best")  # tested, no knob yet
+    _fake_run(runs[2], 5, 5, tested="best")
+    write_knob_points(runs[2].run_dir, [{"alpha": a, "requested": "best"} for a in (0.0, 0.5, 1.0)])
+    assert [r.state() for r in runs] == ["trained", "tested", "done"]
+    knob = ["knob", "--run", str(runs[1].run_dir), "--ckpt_path", "best", "--alphas", "[0.5, 1]"]
+    assert runs[1].steps() == [knob]
+    assert [a[0] for a in runs[0].steps()] == ["test", "knob"]
+    write_knob_points(
+        runs[2].run_dir, [{"alpha": 0.0, "requested": "best"}, {"alpha": 1.0, "requested": "last"}]
+    )
+    assert runs[2].state() == "tested"  # its points are of another checkpoint, or miss an a
+    base = ["sweep", "--preset", "demo", "--output", str(tmp_path), "--dry-run", "--knob", "0.5", "1"]
+    assert main(base) == 0
+    assert (
+        f"ftforget knob --run {tmp_path}/full/seed0 --ckpt_path best --alphas '[0.5, 1]'"
+        in capsys.readouterr().out
+    )
 
 
 def test_bad_sweeps_are_refused(tmp_path: Path, capsys) -> None:
@@ -144,8 +167,8 @@ def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: 
         return [{k: v for k, v in r.items() if k not in ("run",)} for r in rows]
 
     assert table(killed) == table(whole)
-    assert len(table(whole)) == 5 and all(r["n"] == "2" for r in table(whole))
+    assert len(table(whole)) == len(DEMO_METHODS) and all(r["n"] == "2" for r in table(whole))
     for out in (whole, killed):  # each run once: one directory per method and seed, no extra versions
         assert sorted(str(p.relative_to(out)) for p in out.glob("*/seed*")) == sorted(
-            f"{m}/seed{s}" for m in ("full", "top1", "linear", "lora", "block_expansion") for s in (0, 1)
+            f"{m}/seed{s}" for m in DEMO_METHODS for s in (0, 1)
         )

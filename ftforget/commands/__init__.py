@@ -20,6 +20,7 @@ from ftforget.sweep import SweepError
 COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("measure", "k-NN forgetting probe of a pretrained backbone or of any checkpoint"),
     "report": ("report", "paper-style table (Markdown, CSV) and figures from run directories"),
+    "knob": ("knob", "a run's network moved back toward its start, W0 + a (W1 - W0), measured at several a"),
     "sweep": ("sweep", "configs x seeds: fit, test the selected checkpoint, report; resumable; SLURM arrays"),
     "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
 }

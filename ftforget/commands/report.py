@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(report.markdown + "\n")
     if report.statistics:
         sys.stdout.write("\n" + report.statistics.strip() + "\n\n")
+    if report.knob_table:
+        sys.stdout.write("Stability-plasticity knob (ftforget knob):\n\n" + report.knob_table + "\n")
     for path in report.files:
         sys.stdout.write(f"wrote {path}\n")
     for label, run in report.untested:

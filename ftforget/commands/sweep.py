@@ -4,6 +4,7 @@
 
     ftforget sweep --preset paper --seeds 0 1 2 --output runs/paper -- --config configs/forgetting.yaml
     ftforget sweep configs/lora.yaml configs/full.yaml --seeds 0 1 --dry-run
+    ftforget sweep configs/lora.yaml configs/full.yaml --knob 0 0.25 0.5 0.75 1
     ftforget sweep --preset paper --seeds 0 1 2 --slurm sweep.sbatch --gpus 1 --setup 'source .venv/bin/activate'
 
 Options after ``--`` go to every fit (e.g. ``--trainer.max_steps 100``). Run it again after an
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("runs/sweep"), help="default: runs/sweep")
     parser.add_argument("--test_ckpt", choices=["best", "last"], default="best",
                         help="the checkpoint each run is tested on (default: best, selected on validation)")  # fmt: skip
+    parser.add_argument("--knob", type=float, nargs="+", metavar="A",
+                        help="after the test, measure each run's knob at these a (ftforget knob), e.g. 0 0.5 1")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     parser.add_argument("--task", type=int, help="run only run number TASK (a SLURM array task)")
     slurm = parser.add_argument_group("SLURM job array (written, not submitted)")
@@ -52,7 +55,7 @@ def sweep_runs(args: argparse.Namespace, extra: list[str]) -> list[SweepRun]:
     if bool(args.configs) == bool(args.preset):
         raise ValueError("ftforget sweep: give config files or --preset paper|demo (one of the two)")
     config_sets = preset(args.preset) if args.preset else [[c] for c in args.configs]
-    return build_runs(config_sets, args.seeds, args.output, extra, args.test_ckpt)
+    return build_runs(config_sets, args.seeds, args.output, extra, args.test_ckpt, args.knob)
 
 
 def main(argv: list[str], stage: Callable[[list[str]], int] | None = None) -> int:

@@ -31,6 +31,7 @@ from ftforget.methods.regularizers import (
     frozen_copy,
     l2sp_penalty,
     load_head,
+    regularizer_suffix,
 )
 from ftforget.methods.schedule import (
     build_lr_scheduler,
@@ -169,10 +170,12 @@ class FineTuningModule(L.LightningModule):
             for name, p in inspect.signature(c.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty
         }
+        args = {**defaults, **init_args}
         try:
-            return (cls.table_label or cls.__name__).format(**{**defaults, **init_args})
+            label = (cls.table_label or cls.__name__).format(**args)
         except (KeyError, IndexError):
-            return cls.__name__
+            label = cls.__name__
+        return label + regularizer_suffix(args)
 
     # ----------------------------------------------------------------------------------- trainability
     def set_trainable(self, modules: Iterable[nn.Module | nn.Parameter]) -> None:

@@ -38,6 +38,20 @@ from ftforget.runs import require_run, resolve_checkpoint
 OPTION = "model.init_args"
 
 
+def regularizer_suffix(init_args: dict) -> str:
+    """How a table names the baselines switched on, e.g. `` + L2-SP 0.01 + LP-FT 50 steps``."""
+    parts = []
+    if init_args.get("l2sp_weight"):
+        parts.append(f"L2-SP {init_args['l2sp_weight']:g}")
+    if init_args.get("distill_weight"):
+        parts.append(f"distill {init_args['distill_weight']:g}")
+    if init_args.get("lp_steps"):
+        parts.append(f"LP-FT {init_args['lp_steps']} steps")
+    if init_args.get("head_from"):
+        parts.append("LP-FT head")
+    return "".join(f" + {p}" for p in parts)
+
+
 def check_weight(name: str, value: float) -> float:
     """A penalty weight: a finite number >= 0."""
     value = float(value)

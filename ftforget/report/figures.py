@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from ftforget.report.groups import RunGroup, group_runs
+from ftforget.report.knob import KnobPoint, pareto_front
 from ftforget.report.runs import Run
 from ftforget.report.table import EARLY_STEP, Row
 
@@ -133,18 +134,38 @@ def plot_forgetting_curves(runs: list[Run], ax: Axes | None = None) -> Figure:
     return fig
 
 
-def plot_stability_plasticity(rows: list[Row], ax: Axes | None = None) -> Figure:
+def plot_stability_plasticity(
+    rows: list[Row], ax: Axes | None = None, knob: dict[str, list[KnobPoint]] | None = None
+) -> Figure:
     """New-task test accuracy (plasticity) against old-domain k-NN accuracy at the end (stability).
 
     One point per table row, in the row's colour and marker, with ± sample std error bars for seed
     groups; rows without a new-task test accuracy are left out (the axes say so when none has one).
+    With ``knob`` (row label -> :class:`~ftforget.report.knob.KnobPoint` list, ``ftforget knob``), each
+    row's knob is a thin line of small markers from ``a = 0`` (the pretrained backbone under the new head:
+    the step-0 probe accuracy) to ``a = 1`` (the fine-tuned model); the Pareto front over all points (rows and knob points, both axes
+    maximised) is a dashed black line with the points on it ringed.
     """
-    fig, ax = _axes(ax, (7.5, 4.8))
+    fig, ax = _axes(ax, (8.0, 5.2))
     handles = []
+    everything: list[tuple[float, float]] = []
     for i, row in enumerate(rows):
+        style = _style(i)
+        for points in [(knob or {}).get(row.method, [])]:
+            curve = [(100.0 * p.probe_top1, 100.0 * p.new_task_test_acc1, p.alpha)
+                     for p in points if p.new_task_test_acc1 is not None]  # fmt: skip
+            if not curve:
+                continue
+            xs, ys, _ = zip(*curve, strict=True)
+            ax.plot(xs, ys, color=style["color"], marker=style["marker"], markersize=3.5, linewidth=1.0,
+                    alpha=0.75, zorder=2)  # fmt: skip
+            everything += list(zip(xs, ys, strict=True))
+            if row.new_task_test_acc1 is None:  # its knob is drawn: name it
+                handles.append(Line2D([], [], linestyle="none", markersize=7, label=row.method, **style))
         if row.new_task_test_acc1 is None:
             continue
         x, y = 100.0 * row.probe_acc_end, 100.0 * row.new_task_test_acc1
+        everything.append((x, y))
         xerr = None if row.probe_acc_end_std is None else 100.0 * row.probe_acc_end_std
         yerr = None if row.new_task_test_acc1_std is None else 100.0 * row.new_task_test_acc1_std
         style = _style(i)
@@ -153,6 +174,15 @@ def plot_stability_plasticity(rows: list[Row], ax: Axes | None = None) -> Figure
         )
         label = row.method + (f" (n={row.n})" if row.n > 1 else "")
         handles.append(Line2D([], [], linestyle="none", markersize=7, label=label, **style))
+    if knob and everything:
+        front = [everything[i] for i in pareto_front(everything)]
+        fx, fy = zip(*front, strict=True)
+        ax.plot(fx, fy, color="black", linestyle="--", linewidth=1.0, zorder=1.5)
+        ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
+        handles.append(Line2D([], [], color="0.3", marker="o", markersize=3.5, linewidth=1.0,
+                              label="knob W0 + a (W1 - W0): a = 0 at the\nstep-0 probe accuracy ... a = 1"))  # fmt: skip
+        handles.append(Line2D([], [], color="black", linestyle="--", marker="o", markersize=9,
+                              markerfacecolor="none", label="Pareto front (all points)"))  # fmt: skip
     if handles:
         ax.legend(handles=handles, **_LEGEND)
         ax.margins(0.12)
@@ -167,7 +197,9 @@ def plot_stability_plasticity(rows: list[Row], ax: Axes | None = None) -> Figure
     return fig
 
 
-def save_figures(runs: list[Run], rows: list[Row], out_dir: Path) -> tuple[list[Path], list[str]]:
+def save_figures(
+    runs: list[Run], rows: list[Row], out_dir: Path, knob: dict[str, list[KnobPoint]] | None = None
+) -> tuple[list[Path], list[str]]:
     """The figures that have something to show, as PNG in ``out_dir``.
 
     A figure with nothing to show is not written, and a PNG of its name left in ``out_dir`` by an earlier
@@ -179,8 +211,10 @@ def save_figures(runs: list[Run], rows: list[Row], out_dir: Path) -> tuple[list[
     curves = out_dir / CURVES_PNG
     plot_forgetting_curves(runs).savefig(curves, dpi=120)
     plane = out_dir / PLANE_PNG
-    if any(row.new_task_test_acc1 is not None for row in rows):
-        plot_stability_plasticity(rows).savefig(plane, dpi=120)
+    if knob or any(row.new_task_test_acc1 is not None for row in rows):
+        plot_stability_plasticity(rows, knob=knob).savefig(plane, dpi=120)
         return [curves, plane], []
     plane.unlink(missing_ok=True)
-    return [curves], [f"{PLANE_PNG} not written: no run has a new-task test accuracy (test/acc1)."]
+    return [curves], [
+        f"{PLANE_PNG} not written: no run has a new-task test accuracy (test/acc1) or knob points (ftforget knob)."
+    ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ftforget.runs import read_test_results
+from ftforget.runs import read_knob_points, read_test_results
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Run:
         config: the resolved LightningCLI ``config.yaml`` (empty when there is none).
         hparams: the logger's ``hparams.yaml`` (empty when there is none).
         tests: the records of ``ftforget test`` on the run (``test_results.jsonl``), oldest first.
+        knob: the points of ``ftforget knob`` on the run (``knob.jsonl``), by increasing ``a``.
     """
 
     path: Path
@@ -48,6 +49,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, Any] = field(default_factory=dict)
     tests: list[dict[str, Any]] = field(default_factory=list)
+    knob: list[dict[str, Any]] = field(default_factory=list)
 
     def test_accuracy(self) -> float | None:
         """The run's new-task test top-1: its latest recorded test of the checkpoint selected on validation
@@ -124,7 +126,8 @@ def load_run(path: str | Path) -> Run:
     """Reads the scalars, the measurement file and the config of one run directory."""
     path = Path(path)
     config, hparams = _read_yaml(path / "config.yaml"), _read_yaml(path / "hparams.yaml")
-    return Run(path, read_scalars(path), read_measurements(path), config, hparams, read_test_results(path))
+    tests, knob = read_test_results(path), read_knob_points(path)
+    return Run(path, read_scalars(path), read_measurements(path), config, hparams, tests, knob)
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ftforget.report.figures import save_figures
 from ftforget.report.groups import group_runs
+from ftforget.report.knob import KNOB_CSV, KnobPoint, knob_curves, knob_markdown, write_knob_csv
 from ftforget.report.runs import Run, load_runs
 from ftforget.report.table import Row, build_table, statistics_markdown, to_markdown, write_csv
 
@@ -24,6 +25,8 @@ class Report:
         skipped: runs left out because they have no forgetting measurement.
         notes: one line per figure not written, saying why.
         untested: ``(row label, run directory)`` of every run without a new-task test accuracy.
+        knob: row label -> its stability-plasticity knob points (``ftforget knob``), rows with any.
+        knob_table: those points as Markdown (empty without any); the Markdown file holds it too.
     """
 
     rows: list[Row]
@@ -33,6 +36,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     untested: list[tuple[str, Path]] = field(default_factory=list)
     statistics: str = ""
+    knob: dict[str, list[KnobPoint]] = field(default_factory=dict)
+    knob_table: str = ""
 
 
 def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
@@ -66,11 +71,20 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "forgetting_table.md", out / "forgetting_table.csv"
     write_csv(rows, csv_path)
-    figures, notes = save_figures(measured, rows, out)
+    knob = knob_curves(group_runs(measured))
+    knob_csv = out / KNOB_CSV
+    if knob:
+        write_knob_csv(knob, knob_csv)
+    else:
+        knob_csv.unlink(missing_ok=True)  # no stale points from an earlier report
+    figures, notes = save_figures(measured, rows, out, knob)
     table = to_markdown(rows)
     statistics = statistics_markdown(rows)
+    knob_table = knob_markdown(knob) if knob else ""
+    knob_md = f"\n### Stability-plasticity knob (ftforget knob)\n\n{knob_table}" if knob else ""
     notes_md = "".join(f"\n{note}\n" for note in notes)
-    md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{notes_md}")
+    md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{knob_md}{notes_md}")
+    files = [md_path, csv_path, *([knob_csv] if knob else []), *figures]
     return Report(
-        rows, table + notes_md, [md_path, csv_path, *figures], skipped, notes, _untested(measured), statistics
+        rows, table + notes_md, files, skipped, notes, _untested(measured), statistics, knob, knob_table
     )
