@@ -35,7 +35,7 @@ from ftforget.methods.schedule import paper_recipe
 from ftforget.sweep import SweepRun, build_runs, run_sweep
 
 #: the methods in the paper's order, then an anti-forgetting baseline; each is ``configs/demo/<name>.yaml``
-METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_distill")
+METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_l2sp")
 #: the stability-plasticity knob values each demo run is measured at (``ftforget knob``)
 KNOB = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -34,7 +34,7 @@ PAPER_CONFIGS = (
     "block_expansion_p1", "block_expansion_p2", "block_expansion", "block_expansion_p4",
 )  # fmt: skip
 #: the demo's five methods in the paper's order and an anti-forgetting baseline (each with ``common.yaml``)
-DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_distill")
+DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_l2sp")
 
 
 def preset(name: str) -> list[list[Path]]:

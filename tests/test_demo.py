@@ -115,7 +115,16 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    argv = ["--output", str(out), "--steps", "3", "--pretrain-steps", "5", "--methods", "full,linear,lora"]
+    argv = [
+        "--output",
+        str(out),
+        "--steps",
+        "3",
+        "--pretrain-steps",
+        "5",
+        "--methods",
+        "full,linear,lora,full_l2sp",
+    ]
     assert demo_command.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| full fine-tuning |" in printed and "| LoRA r=4 |" in printed
@@ -124,10 +133,25 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "forgetting_table.csv",
         "forgetting_curves.png",
         "stability_plasticity.png",
+        "knob_points.csv",
     ):
         assert f"report: {out / 'report' / name}" in printed
     rows = {row["method"]: row for row in read_csv(out / "report" / "forgetting_table.csv")}
-    assert list(rows) == ["full fine-tuning", "linear probe", "LoRA r=4"]
+    assert list(rows) == ["full fine-tuning", "full fine-tuning + L2-SP 0.1", "linear probe", "LoRA r=4"]
+    # Every run's knob was measured on its last checkpoint: a = 1 is the run's last probe measurement and
+    # test, a = 0 its step-0 probe; the table of knob points is printed.
+    assert "Stability-plasticity knob (ftforget knob):" in printed
+    knob = {row["row"]: row for row in read_csv(out / "report" / "knob_points.csv") if row["alpha"] == "1.0"}
+    for method, row in rows.items():
+        assert f"| {method} | 0.25 |" in printed
+        assert float(knob[method]["probe_top1"]) == pytest.approx(
+            float(row["probe_acc_end"]), abs=1e-7
+        )  # float32
+        assert float(knob[method]["new_task_test_acc1"]) == pytest.approx(
+            float(row["new_task_test_acc1"]), abs=1e-6
+        )
+        zero = [json.loads(x) for x in (Path(row["run"]) / "knob.jsonl").read_text().splitlines()][0]
+        assert zero["alpha"] == 0.0 and zero["top1"] == pytest.approx(float(row["probe_acc_step0"]), abs=1e-7)
     for row in rows.values():
         run_dir = Path(row["run"])
         assert str(run_dir) in printed  # the TensorBoard log directory

@@ -17,7 +17,7 @@ from tests.test_cli import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "ftforget" / "configs"
-DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_distill")
+DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_l2sp")
 
 
 def _names(directory: Path) -> list[str]:

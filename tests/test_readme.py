@@ -98,3 +98,33 @@ def test_reproducing_the_table_commands_parse(tmp_path: Path, capsys) -> None:
         capsys.readouterr()
         assert main(argv) == 0
         assert len(capsys.readouterr().out.splitlines()) == 10 * 3 * 2
+
+
+@pytest.mark.slow
+def test_controlling_forgetting_as_written(tmp_path: Path, backbone: Path, capsys) -> None:
+    """The section's fits (the paper's configs, with the miniature appended), knobs, sweep plan and report."""
+    miniature = [
+        "--config", str(DEMO / "common.yaml"), "--model.init_args.checkpoint", str(backbone),
+        "--trainer.max_steps", "8", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.callbacks.eval_at_steps=[0, 8]", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    ran = []
+    for args in commands(section("Controlling forgetting")):
+        argv = in_tmp(args, tmp_path)
+        if argv[0] == "fit":
+            # The paper's config first, then the miniature, then the section's own options (they win).
+            split = argv.index("--config") + 2
+            argv = [*argv[:split], *miniature, *argv[split:]]
+        if argv[0] == "sweep":
+            argv.insert(argv.index("--output"), "--dry-run")  # the real sweep needs CIFAR-100 and ImageNet
+        assert main(argv) == 0, shlex.join(argv)
+        ran.append(args[0])
+        assert "Traceback" not in capsys.readouterr().err
+    assert ran == ["fit", "knob", "knob", "fit", "fit", "fit", "fit", "fit", "sweep", "report"]
+    runs = tmp_path / "runs"
+    labels = {row["method"] for row in read_csv(runs / "report" / "forgetting_table.csv")}
+    assert {"full fine-tuning + L2-SP 0.01", "LoRA r=8 + distill 0.1", "full fine-tuning + LP-FT head",
+            "full fine-tuning + LP-FT 1000 steps", "linear probe"} <= labels  # fmt: skip
+    knob = read_csv(runs / "report" / "knob_points.csv")
+    assert sorted({float(r["alpha"]) for r in knob}) == [0.0, 0.5, 0.9, 1.0]
+    assert (runs / "report" / "stability_plasticity.png").is_file()
