@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ftforget.report.figures import save_figures
 from ftforget.report.groups import group_runs
+from ftforget.report.routing import routing_section
 from ftforget.report.runs import Run, load_runs
 from ftforget.report.table import Row, build_table, statistics_markdown, to_markdown, write_csv
 
@@ -70,6 +71,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     table = to_markdown(rows)
     statistics = statistics_markdown(rows)
     notes_md = "".join(f"\n{note}\n" for note in notes)
+    routing = routing_section(out, [run.path for run in measured])  # one base, many tasks (ftforget demo)
+    notes_md += f"\n{routing}" if routing else ""
     md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{notes_md}")
     return Report(
         rows, table + notes_md, [md_path, csv_path, *figures], skipped, notes, _untested(measured), statistics
