@@ -115,6 +115,12 @@ def test_demo_routing_and_the_readme_commands(tmp_path: Path, capsys, monkeypatc
         )
         assert row["routed"]["overall"] <= row["oracle"]["overall"]
         assert (report / "tasks" / f"{row['name']}.safetensors").stat().st_size == row["task_file_bytes"]
+    # Merging, the contrast: the demo's LoRA task merged alone is its run (the probe measured it merged).
+    merging, lora_row, n_old = routing["merging"], table["LoRA r=4"], routing["stream"]["old"]
+    assert round(merging["new_alone"]["probe_acc"] * n_old) == round(float(lora_row["probe_acc_end"]) * n_old)
+    assert round(merging["base"]["probe_acc"] * n_old) == round(float(lora_row["probe_acc_step0"]) * n_old)
+    assert [m["scale"] for m in merging["merged"]] == [0.5, 1.0]
+    assert "| merged, λ = 0.5 |" in (report / "forgetting_table.md").read_text()
     # The README's library example, as written.
     (example,) = re.findall(r"```python\n(.*?)```", readme_section(), flags=re.S)
     exec(compile(example, "README.md", "exec"), {})

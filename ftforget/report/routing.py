@@ -49,7 +49,30 @@ def routing_markdown(data: dict[str, Any]) -> str:
         "",
         f"Memory: base {data['base_bytes']:,} bytes once, all tasks together {data['total_bytes']:,} bytes.",
     ]
+    if data.get("merging"):
+        lines += ["", *merging_lines(data["merging"])]
     return "\n".join(lines) + "\n"
+
+
+def merging_lines(merging: dict[str, Any]) -> list[str]:
+    """The contrast: two LoRA tasks merged into one set of weights (task arithmetic) instead of routed."""
+
+    def row(label: str, acc: dict[str, float]) -> str:
+        cells = (acc["new_task_acc"], acc["old_task_acc"], acc["probe_acc"])
+        return f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |"
+
+    return [
+        f"Merging instead of routing: the {merging['new_task']} task and a second one ({merging['old_task']}) "
+        "merged by task arithmetic, W0 + λ (ΔW_new + ΔW_old); each head on the merged features, the probe's "
+        "k-NN on them. Accuracies in %.",
+        "",
+        "| weights | new task | old digits (old task's head) | probe k-NN (old digits) |",
+        "|---|---|---|---|",
+        row("base (no task)", merging["base"]),
+        row("new task alone", merging["new_alone"]),
+        row("old task alone", merging["old_alone"]),
+        *(row(f"merged, λ = {m['scale']:g}", m) for m in merging["merged"]),
+    ]
 
 
 def routing_section(out_dir: Path, run_paths: list[Path]) -> str:

@@ -8,6 +8,11 @@ features picks the domain; the old digits are answered by the base's own k-NN ov
 classifier the forgetting probe measures, on the unchanged base), the new digits by the exported task's
 head. References: the oracle router, and the single fine-tuned model (its k-NN on the old digits, which
 it has forgotten, and its head on the new ones).
+
+The contrast, merging: when there is a LoRA run, a second LoRA task with its settings is trained on the
+old digits' bank, and the two are merged by task arithmetic (:func:`~ftforget.tasks.merging.merge_lora_tasks`);
+the merged weights' accuracy on the new task, on the old digits (second task's head) and on the probe is
+measured for λ = 0.5 and 1.
 """
 
 from __future__ import annotations
@@ -17,21 +22,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
+from torch import nn
 
 from ftforget.backbones import build_backbone
-from ftforget.data.digits import DigitsDataModule
+from ftforget.data.digits import DigitsBankDataModule, DigitsDataModule
 from ftforget.files import atomic_write
 from ftforget.forgetting.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_predict
+from ftforget.methods.registry import method_class
+from ftforget.methods.schedule import paper_recipe
 from ftforget.runs import CONFIG_FILE, resolve_checkpoint
 from ftforget.tasks.export import export_checkpoint
+from ftforget.tasks.exported import ExportedTask, make_task
+from ftforget.tasks.merging import merge_lora_tasks
 from ftforget.tasks.multitask import MultiTaskModel
 from ftforget.tasks.routing import NearestMeanRouter, evaluate_stream
 
 #: the file the demo writes beside its report, read by :mod:`ftforget.report.routing`
 ROUTING_FILE = "routing.json"
 DOMAINS = ("old", "new")
+#: the second LoRA task merged with the demo's (LoRA on the old digits' bank) trains this fraction of the
+#: demo LoRA run's steps (100 of the demo's 500), to keep the demo's added time small
+OLD_TASK_STEP_FRACTION = 0.2
+#: the task-arithmetic coefficients the demo measures
+MERGE_SCALES = (0.5, 1.0)
 
 
 def _knn_settings(config: dict[str, Any]) -> tuple[int, float]:
@@ -108,12 +124,9 @@ def evaluate_routing(
     domains = torch.cat(
         [torch.zeros(len(query_y), dtype=torch.long), torch.ones(len(test_y), dtype=torch.long)]
     )
-    base_stream = _features(model, stream_x, None)
-    router = NearestMeanRouter.fit(
-        [_features(model, bank_x, None), _features(model, train_x, None)], [bank_y, train_y], DOMAINS
-    )
+    base_stream, base_bank = _features(model, stream_x, None), _features(model, bank_x, None)
+    router = NearestMeanRouter.fit([base_bank, _features(model, train_x, None)], [bank_y, train_y], DOMAINS)
     routes = router.route(base_stream)
-    base_bank = _features(model, bank_x, None)
     old_by_base = knn_predict(base_stream, base_bank, bank_y, n_old, [k], temperature)[k][:, 0]
 
     rows = []
@@ -139,6 +152,21 @@ def evaluate_routing(
                 **evaluation.as_dict(),
             }
         )
+    lora = [(name, r.task) for name, r in zip(names, exports, strict=True) if r.task.method == "LoRA"]
+    merging = None
+    if lora:
+        run_steps = int(((configs[names.index(lora[0][0])].get("trainer") or {}).get("max_steps")) or 500)
+        steps = max(1, round(OLD_TASK_STEP_FRACTION * run_steps))
+        old_task = train_old_domain_lora(base_file, lora[0][1], model.base_sha256, data, steps, say=say)
+        with model.using(None):
+            merging = merging_contrast(
+                model.backbone, lora[0][1], old_task, (bank_x, bank_y), (query_x, query_y), (test_x, test_y),
+                k, temperature,
+            )  # fmt: skip
+        merging["new_task"] = lora[0][0]
+        merging["old_task"] = (
+            f"{old_task.label()} trained {steps} step{'s' if steps != 1 else ''} on the old digits' bank"
+        )
     memory = model.memory()
     report = {
         "router": "nearest class mean of the base's features (cosine), over the old bank and the new training split",
@@ -149,6 +177,78 @@ def evaluate_routing(
         "total_bytes": memory.total_bytes,
         "runs": [str(r.resolve()) for r in runs],
         "rows": rows,
+        "merging": merging,
     }
     atomic_write(out / ROUTING_FILE, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     return report
+
+
+def train_old_domain_lora(
+    base_file: str | Path,
+    like: ExportedTask,
+    base_sha256: str,
+    data: DigitsDataModule,
+    steps: int = 100,
+    seed: int = 0,
+    say: Callable[[str], None] = lambda _: None,
+) -> ExportedTask:
+    """A second LoRA task on the same base, the one merged with the demo's: ``like``'s LoRA settings,
+    trained ``steps`` steps (SGD, lr 0.1, 10 warmup steps) to classify the old digits of the probe's bank
+    (the images the base was pretrained on; the probe's queries stay held out)."""
+    probe = data.probe
+    L.seed_everything(seed, verbose=False)
+    bank = DigitsBankDataModule(probe.digits, probe.image_size, probe.split_seed, batch_size=64)
+    args = {**like.build_args(), "num_classes": bank.num_classes, "checkpoint": str(base_file)}
+    model = method_class("LoRA")(**{**args, **paper_recipe(lr=0.1, warmup_steps=10)})
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=bank)
+    say(f"trained a second LoRA task on the old digits ({steps} steps) to merge with the new one")
+    return make_task(model.eval(), base_sha256, [str(d) for d in probe.digits], "the old digits")
+
+
+def _head(task: ExportedTask) -> nn.Linear:
+    weight = task.tensors["head.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": task.tensors["head.bias"]})
+    return head.eval()
+
+
+def merging_contrast(
+    base: nn.Module,
+    new_task: ExportedTask,
+    old_task: ExportedTask,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    queries: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    temperature: float,
+    scales: Sequence[float] = MERGE_SCALES,
+) -> dict[str, Any]:
+    """Accuracies of the merged weights ``W0 + λ (ΔW_new + ΔW_old)`` for each λ in ``scales``: the new
+    task (its head), the old domain with the old task's head, and the probe (k-NN of the merged features
+    over the bank). The same with each task alone (λ = 1, the other task's update left out)."""
+    new_head, old_head = _head(new_task), _head(old_task)
+    n_old = int(old_task.tensors["head.weight"].shape[0])
+
+    def measure(backbone: nn.Module) -> dict[str, float]:
+        backbone.eval()
+        with torch.no_grad():
+            new_acc = (new_head(backbone(test[0])).argmax(1) == test[1]).float().mean()
+            query_feats = backbone(queries[0])
+            old_acc = (old_head(query_feats).argmax(1) == queries[1]).float().mean()
+            knn = knn_predict(query_feats, backbone(bank[0]), bank[1], n_old, [k], temperature)[k][:, 0]
+        probe_acc = (knn == queries[1]).float().mean()
+        return {"new_task_acc": float(new_acc), "old_task_acc": float(old_acc), "probe_acc": float(probe_acc)}
+
+    return {
+        "new_alone": measure(merge_lora_tasks(base, [new_task])),
+        "old_alone": measure(merge_lora_tasks(base, [old_task])),
+        "base": measure(base),
+        "merged": [
+            {"scale": float(scale), **measure(merge_lora_tasks(base, [new_task, old_task], scale))}
+            for scale in scales
+        ],
+    }
