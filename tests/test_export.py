@@ -122,7 +122,8 @@ def test_a_wrong_base_is_refused_naming_both_hashes(made: dict, capsys) -> None:
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert task.base_sha256 in line and other_hash in line and "--ignore_base_hash" in line
-    assert main([*argv, "--ignore_base_hash"]) == 0  # the explicit override
+    assert main([*argv, "--ignore_base_hash"]) == 0  # the explicit override, said
+    assert f"is not the task's base (SHA-256 {task.base_sha256}); attached anyway" in capsys.readouterr().out
 
 
 def test_export_checks_the_checkpoint_against_its_base(made: dict, capsys) -> None:

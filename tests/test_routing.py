@@ -14,7 +14,8 @@ import torch
 from ftforget.commands import main
 from ftforget.report import read_csv
 from ftforget.report.routing import routing_markdown
-from ftforget.tasks.routing import NearestMeanRouter, evaluate_stream
+from ftforget.tasks.exported import read_task
+from ftforget.tasks.routing import KNNRouter, NearestMeanRouter, evaluate_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,26 @@ def test_routing_and_stream_accuracies_by_hand() -> None:
     assert (result.oracle.correct, result.oracle.per_domain) == (5, {"old": 2 / 3, "new": 1.0})
     # the fine-tuned model (its forgotten old answers): right on images 2, 3 and 5
     assert (result.fine_tuned.correct, result.fine_tuned.per_domain) == (3, {"old": 1 / 3, "new": 2 / 3})
+
+
+def test_knn_router_by_hand() -> None:
+    # Training images of the two tasks, labelled by task: old ones near +x, new ones near -x and +y.
+    old = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1]])
+    new = torch.tensor([[-1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    stream = torch.tensor([[1.0, 0.05], [-1.0, 0.2], [0.6, 1.0], [0.6, 0.5]])
+    # Cosines of (0.6, 0.5): old 0.77, 0.83, 0.70; new -0.77, 0.64, 0.71. Of (0.6, 1): old 0.51, 0.60,
+    # 0.43; new -0.51, 0.86, 0.90.
+    # k = 1: the nearest training image's task; (0.6, 0.5) is nearest (1, 0.1), an old one.
+    assert KNNRouter.fit([old, new], ["old", "new"], k=1).route(stream).tolist() == [0, 1, 1, 0]
+    # k = 3 with equal votes (T huge): the majority of the 3 nearest. (0.6, 0.5): two old (0.83, 0.77), one
+    # new (0.71): old. (0.6, 1): two new (0.90, 0.86), one old (0.60): new.
+    router = KNNRouter.fit([old, new], ["old", "new"], k=3, temperature=1e6)
+    assert router.route(stream).tolist() == [0, 1, 1, 0]
+    # (0, -1) is nearest (1, -0.1), cosine 0.10, ahead of (1, 0) and (-1, 0) at 0: old.
+    assert KNNRouter.fit([old, new], ["old", "new"], k=1).route(torch.tensor([[0.0, -1.0]])).tolist() == [0]
+    # k = 3 with T = 0.07 for (0.6, 1): weights exp((sim - 0.90) / 0.07): new 1 + exp(-0.047/0.07) = 1.51,
+    # old exp(-0.307/0.07) = 0.012: new.
+    assert KNNRouter.fit([old, new], ["old", "new"], k=3).route(stream[2:3]).tolist() == [1]
 
 
 def test_the_routing_table_renders_the_numbers() -> None:
@@ -121,6 +142,12 @@ def test_demo_routing_and_the_readme_commands(tmp_path: Path, capsys, monkeypatc
     assert round(merging["base"]["probe_acc"] * n_old) == round(float(lora_row["probe_acc_step0"]) * n_old)
     assert [m["scale"] for m in merging["merged"]] == [0.5, 1.0]
     assert "| merged, λ = 0.5 |" in (report / "forgetting_table.md").read_text()
+    # The export names the new task's classes as the run's data module does.
+    exported = read_task(tmp_path / "runs" / "lora.safetensors")
+    assert (exported.class_names, exported.class_names_source) == (
+        ["5", "6", "7", "8", "9"],
+        "data.init_args.new_digits",
+    )
     # The README's library example, as written.
     (example,) = re.findall(r"```python\n(.*?)```", readme_section(), flags=re.S)
     exec(compile(example, "README.md", "exec"), {})

@@ -21,6 +21,7 @@ import torch
 from ftforget.backbones import build_backbone
 from ftforget.files import atomic_write
 from ftforget.methods.base import METHOD_KEY, FineTuningModule
+from ftforget.tasks.delta import state_hash
 from ftforget.tasks.exported import attach_task, read_task
 
 
@@ -61,6 +62,11 @@ def main(argv: list[str]) -> int:
     model = attach_task(
         task, base, base_source=f"--base {args.base!r}", ignore_base_hash=args.ignore_base_hash
     )
+    if args.ignore_base_hash and state_hash(base.state_dict()) != task.base_sha256:
+        sys.stdout.write(
+            f"note: --base {args.base!r} is not the task's base (SHA-256 {task.base_sha256}); attached anyway, "
+            "so the result does not compute what the run computed\n"
+        )
     trainable, total = model.parameter_counts()
     sys.stdout.write(
         f"{task.label()} on {task.base_name} ({args.base}): {task.num_parameters:,} task parameters "

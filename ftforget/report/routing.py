@@ -45,6 +45,9 @@ def routing_markdown(data: dict[str, Any]) -> str:
             f"{_cell(row['fine_tuned'])} | {_cell(row['oracle'])} | {row['task_parameters']:,} | "
             f"{row['task_file_bytes'] / 1024:.1f} KiB |"
         )
+    others = "; ".join(f"{name} {100 * acc:.1f}%" for name, acc in (data.get("other_routers") or {}).items())
+    if others:
+        lines += ["", f"Routing accuracy of other routers on the same stream: {others}."]
     lines += [
         "",
         f"Memory: base {data['base_bytes']:,} bytes once, all tasks together {data['total_bytes']:,} bytes.",

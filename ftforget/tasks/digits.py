@@ -3,16 +3,16 @@
 Every demo run is exported (:func:`~ftforget.tasks.export.export_checkpoint`) and put onto the one
 pretrained backbone (:class:`~ftforget.tasks.multitask.MultiTaskModel`). A mixed stream of old-domain
 images (the probe's held-out queries, digits 0-4) and new-task images (the new digits' test split) is
-then served without a task label: a :class:`~ftforget.tasks.routing.NearestMeanRouter` on the base's
-features picks the domain; the old digits are answered by the base's own k-NN over the probe's bank (the
-classifier the forgetting probe measures, on the unchanged base), the new digits by the exported task's
-head. References: the oracle router, and the single fine-tuned model (its k-NN on the old digits, which
-it has forgotten, and its head on the new ones).
+then served without a task label: a :class:`~ftforget.tasks.routing.KNNRouter` on the base's features
+(the probe's k-NN settings, not tuned) picks the domain; the old digits are answered by the base's own
+k-NN over the probe's bank (the classifier the forgetting probe measures, on the unchanged base), the
+new digits by the exported task's head. References: the oracle router, and the single fine-tuned model
+(its k-NN on the old digits, which it has forgotten, and its head on the new ones).
 
 The contrast, merging: when there is a LoRA run, a second LoRA task with its settings is trained on the
-old digits' bank, and the two are merged by task arithmetic (:func:`~ftforget.tasks.merging.merge_lora_tasks`);
-the merged weights' accuracy on the new task, on the old digits (second task's head) and on the probe is
-measured for λ = 0.5 and 1.
+old digits' bank, and the two are merged by task arithmetic
+(:func:`~ftforget.tasks.merging.merge_lora_tasks`); the merged weights' accuracy on the new task, on the
+old digits (second task's head) and on the probe is measured for λ = 0.5 and 1.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ftforget.tasks.export import export_checkpoint
 from ftforget.tasks.exported import ExportedTask, make_task
 from ftforget.tasks.merging import merge_lora_tasks
 from ftforget.tasks.multitask import MultiTaskModel
-from ftforget.tasks.routing import NearestMeanRouter, evaluate_stream
+from ftforget.tasks.routing import KNNRouter, NearestMeanRouter, evaluate_stream
 
 #: the file the demo writes beside its report, read by :mod:`ftforget.report.routing`
 ROUTING_FILE = "routing.json"
@@ -125,8 +125,11 @@ def evaluate_routing(
         [torch.zeros(len(query_y), dtype=torch.long), torch.ones(len(test_y), dtype=torch.long)]
     )
     base_stream, base_bank = _features(model, stream_x, None), _features(model, bank_x, None)
-    router = NearestMeanRouter.fit([base_bank, _features(model, train_x, None)], [bank_y, train_y], DOMAINS)
-    routes = router.route(base_stream)
+    base_train = _features(model, train_x, None)
+    routes = KNNRouter.fit([base_bank, base_train], DOMAINS, k, temperature).route(base_stream)
+    nearest_mean = NearestMeanRouter.fit([base_bank, base_train], [bank_y, train_y], DOMAINS).route(
+        base_stream
+    )
     old_by_base = knn_predict(base_stream, base_bank, bank_y, n_old, [k], temperature)[k][:, 0]
 
     rows = []
@@ -169,7 +172,11 @@ def evaluate_routing(
         )
     memory = model.memory()
     report = {
-        "router": "nearest class mean of the base's features (cosine), over the old bank and the new training split",
+        "router": f"weighted k-NN vote (k={k}, T={temperature}) of the base's features of the old bank and the "
+        "new training split, labelled by domain",
+        "other_routers": {
+            "nearest class mean (cosine)": int((nearest_mean == domains).sum()) / len(domains),
+        },
         "old_classifier": f"the base's weighted k-NN over the probe's bank (k={k}, T={temperature})",
         "stream": {"old": int(len(query_y)), "new": int(len(test_y))},
         "base_sha256": model.base_sha256,

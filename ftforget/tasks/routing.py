@@ -1,10 +1,11 @@
 """Routing without a task label: pick the task of each image from the base's features, and score it.
 
 With the adapter switched off the base computes its pretrained function exactly, so nothing is forgotten;
-what remains is knowing which task an image belongs to. :class:`NearestMeanRouter` decides it from the
-base's features alone: it keeps the mean (of the L2-normalised base features) of every class of every
-task's training images, and sends an image to the task that owns the class mean nearest to it (largest
-cosine similarity).
+what remains is knowing which task an image belongs to. Two routers decide it from the base's features
+alone: :class:`KNNRouter` takes the weighted k-NN vote (the forgetting probe's classifier) of every
+task's training images, labelled by task; :class:`NearestMeanRouter` keeps the mean (of the
+L2-normalised base features) of every class of every task's training images and sends an image to the
+task that owns the class mean nearest to it (largest cosine similarity).
 
 A stream of images from several domains is then scored three ways by :func:`evaluate_stream`, each
 image's answer counting as correct only if it comes from the right task *and* names the right class:
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ftforget.forgetting.knn import knn_predict
 
 
 class NearestMeanRouter:
@@ -58,6 +61,55 @@ class NearestMeanRouter:
         """``(N,)`` task indices for ``(N, D)`` base features."""
         sims = F.normalize(features.float(), dim=1) @ self.means.T
         return self.owners[sims.argmax(1)]
+
+
+class KNNRouter:
+    """Routes each feature by DINO's weighted k-NN vote over the base features of every task's training
+    images, each labelled with its task (the forgetting probe's classifier, with tasks for classes).
+
+    Args:
+        bank: ``(N, D)`` base features of the tasks' training images (normalised here).
+        owners: ``(N,)`` the task index of each.
+        task_names: the tasks, by index.
+        k: neighbours that vote.
+        temperature: each neighbour votes ``exp(sim / T)``.
+    """
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        owners: torch.Tensor,
+        task_names: Sequence[str],
+        k: int = 20,
+        temperature: float = 0.07,
+    ) -> None:
+        if bank.ndim != 2 or owners.shape != (bank.shape[0],) or len(task_names) < 2:
+            raise ValueError(
+                f"bank {tuple(bank.shape)} and owners {tuple(owners.shape)} of >= 2 tasks do not match"
+            )
+        self.bank, self.owners, self.task_names = bank.float(), owners.long(), list(task_names)
+        self.k, self.temperature = k, temperature
+
+    @classmethod
+    def fit(
+        cls,
+        features: Sequence[torch.Tensor],
+        task_names: Sequence[str],
+        k: int = 20,
+        temperature: float = 0.07,
+    ) -> KNNRouter:
+        """``features[t]``: the base features of task ``t``'s training images."""
+        if len(features) != len(task_names):
+            raise ValueError("give one feature tensor per task")
+        owners = torch.cat([torch.full((len(x),), t, dtype=torch.long) for t, x in enumerate(features)])
+        return cls(torch.cat(list(features)), owners, task_names, k, temperature)
+
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` task indices for ``(N, D)`` base features."""
+        votes = knn_predict(
+            features.float(), self.bank, self.owners, len(self.task_names), [self.k], self.temperature
+        )
+        return votes[self.k][:, 0]
 
 
 @dataclass
