@@ -45,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "sweep": {"resources", "runs"},
     # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
-    "tasks": {"adapters", "backbones", "data", "files", "forgetting", "inference", "methods", "runs"},
+    "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
     "demo": {
         "backbones",
         "cli",
