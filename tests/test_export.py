@@ -203,3 +203,66 @@ def test_exported_sizes_of_the_papers_rows(label: str) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## One base, many tasks") :]
     assert f"| {label} | {expected:,} | {4 * expected / 1e6:.2f} MB |" in section
+
+
+def test_export_of_a_run_finds_its_checkpoint_base_and_class_names(
+    made: dict, tmp_path: Path, capsys
+) -> None:
+    """``--run``: ``last`` resolved in the run, the class names from its data config; a base weights file
+    that is gone is said, and LoRA's frozen weights stand in for it (same hash)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "runs" / "lora" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(made["ckpts"]["lora"], run / "checkpoints" / "last.ckpt")
+    config = {
+        "model": {"init_args": {"checkpoint": str(tmp_path / "gone.pth")}},
+        "data": {
+            "class_path": "ftforget.data.digits.DigitsDataModule",
+            "init_args": {"new_digits": [5, 6, 7]},
+        },
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "lora.safetensors"
+    assert main(["export", "--run", str(run), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"base weights file {str(tmp_path / 'gone.pth')!r} (model.init_args.checkpoint) is not here"
+        in printed
+    )
+    task = read_task(out)
+    assert (task.class_names, task.class_names_source) == (["5", "6", "7"], "data.init_args.new_digits")
+    assert task.base_sha256 == state_hash(torch.load(made["base"], weights_only=True))
+    assert main(["export", "--run", str(run), "--ckpt_path", "best", "--output", str(out)]) == 2
+    assert "has no best checkpoint (its checkpoints: last.ckpt)" in capsys.readouterr().err
+
+
+def test_moving_the_model_moves_the_base_whatever_task_is_active(made: dict) -> None:
+    from ftforget.tasks.exported import read_task as read
+    from ftforget.tasks.multitask import MultiTaskModel
+
+    out = made["tmp"] / "full_move.safetensors"
+    assert (
+        main(
+            [
+                "export",
+                "--ckpt_path",
+                str(made["ckpts"]["full"]),
+                "--base",
+                str(made["base"]),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    model = MultiTaskModel(build_backbone(ARCH, checkpoint=made["base"], **TINY))
+    model.add_task("full", read(out))
+    model.use("full")
+    model.double()
+    assert model.active == "full"
+    model.use(None)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.float64}

@@ -64,7 +64,12 @@ def main(argv: list[str]) -> int:
         recorded = init.get("checkpoint")
         if recorded and Path(recorded).expanduser().is_file():
             base = recorded
-        elif not recorded:
+        elif recorded:
+            sys.stdout.write(
+                f"note: the run's base weights file {recorded!r} (model.init_args.checkpoint) is not here; "
+                "give it with --base FILE if the export needs it\n"
+            )
+        else:
             pretrained = bool(init.get("pretrained"))
     if base is not None and not Path(base).expanduser().is_file():
         raise FileNotFoundError(f"--base {base!r}: no such file")

@@ -204,6 +204,11 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"task {task!r} has no head; tasks: {sorted(self.tasks)}")
         return self.heads[task](self.features(x, task))
 
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # .to(), .half(), ...: with the base's own modules in place, so that they move too
+        with self.using(None):
+            return super()._apply(fn, *args, **kwargs)
+
     # ----------------------------------------------------------------------------------------- memory
     def memory(self) -> MemoryReport:
         """The base's bytes once, and for each task the bytes of storage that the base does not hold."""
