@@ -266,3 +266,19 @@ def test_moving_the_model_moves_the_base_whatever_task_is_active(made: dict) -> 
     model.use(None)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert {p.dtype for p in model.backbone.parameters()} == {torch.float64}
+
+
+def test_attach_refuses_what_is_not_an_exported_task(made: dict, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for task, message in (
+        (plain, "is not a task exported by ftforget export"),
+        (tmp_path / "junk.safetensors", "is not a safetensors file, or it is damaged"),
+        (tmp_path / "missing.safetensors", "does not exist"),
+    ):
+        assert main(["attach", "--task", str(task), "--base", str(made["base"])]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert message in line and str(task) in line
