@@ -282,3 +282,21 @@ def test_attach_refuses_what_is_not_an_exported_task(made: dict, tmp_path: Path,
         assert main(["attach", "--task", str(task), "--base", str(made["base"])]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert message in line and str(task) in line
+
+
+def test_frozen_helpers_outside_the_backbone_are_neither_exported_nor_needed(made: dict) -> None:
+    """A training-time helper (here a frozen copy of a block, as a regulariser's step-0 copy would be) is
+    not part of the function: the export leaves it out and the task attaches without it."""
+    import copy
+
+    from ftforget.tasks.delta import base_key_map
+    from ftforget.tasks.exported import make_task
+
+    reference = load_method(made["ckpts"]["lora"])
+    reference.helper = copy.deepcopy(reference.backbone.blocks[0]).requires_grad_(False)
+    assert not any(key.startswith("helper.") for key in base_key_map(reference))
+    task = make_task(reference, state_hash(torch.load(made["base"], weights_only=True)))
+    assert not any(key.startswith("helper.") for key in task.tensors)
+    model = attach_task(task, build_backbone(ARCH, checkpoint=made["base"], **TINY))
+    with torch.no_grad():
+        assert torch.equal(model(images()), reference(images()))

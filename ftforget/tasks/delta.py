@@ -52,10 +52,11 @@ def _new_block_indices(model: nn.Module) -> list[int]:
 
 
 def base_key_map(model: nn.Module) -> dict[str, str]:
-    """``method state-dict key -> base backbone key`` for every key of ``model`` that is not the task's.
+    """``method state-dict key -> base backbone key`` for every backbone key of ``model`` that is not the
+    task's.
 
-    Raises:
-        ValueError: a frozen key outside the backbone (a method this module does not know).
+    Frozen state outside the backbone and the head (training-time helpers such as a copy of the step-0
+    weights for a regulariser) is not part of the function the model computes: it is left out.
     """
     task = set(task_tensors(model))
     lora_paths = [
@@ -66,10 +67,8 @@ def base_key_map(model: nn.Module) -> dict[str, str]:
     new_blocks = _new_block_indices(model)
     out: dict[str, str] = {}
     for key in model.state_dict():
-        if key in task:
+        if key in task or not key.startswith(BACKBONE):
             continue
-        if not key.startswith(BACKBONE):
-            raise ValueError(f"{type(model).__name__}: frozen weight {key!r} is outside the backbone")
         name = key[len(BACKBONE) :]
         for path in lora_paths:
             if name.startswith(f"{path}.base."):

@@ -30,6 +30,9 @@ from ftforget.tasks.delta import base_key_map, state_hash, task_tensors
 FORMAT = "ftforget-task/1"
 #: hyperparameters a task is rebuilt without: the base's weights come from the base, not a file or a download
 _SOURCE_ARGS = ("checkpoint", "pretrained")
+#: training-only options (where the method has them), off in a rebuilt task: they change how a run trains,
+#: not the function it computes, and would otherwise build helpers (anchors, a teacher) or read files
+_TRAINING_ONLY = {"l2sp_weight": 0.0, "distill_weight": 0.0, "lp_steps": 0, "head_from": None}
 
 
 class BaseMismatchError(ValueError):
@@ -91,7 +94,8 @@ class ExportedTask:
 
     def build_args(self) -> dict[str, Any]:
         """Init arguments that rebuild the method's architecture with no weights loaded."""
-        return {**self.method_args, "checkpoint": None, "pretrained": False}
+        off = {k: v for k, v in _TRAINING_ONLY.items() if k in self.method_args}
+        return {**self.method_args, **off, "checkpoint": None, "pretrained": False}
 
 
 def method_args_of(model: FineTuningModule) -> dict[str, Any]:
