@@ -175,6 +175,10 @@ def run_demo(
     cache_dir = args.cache_dir or args.output / "pretrained"
     checkpoint = pretrained_backbone(pretrain_settings(config_dir, args), cache_dir)
     run_dirs = run_sweep(demo_runs(args, methods, config_dir, checkpoint), stage, _say)
+    # One base, many tasks (ftforget.tasks): export every run, route a mixed stream; the report reads the JSON.
+    from ftforget.tasks.digits import evaluate_routing
+
+    evaluate_routing(checkpoint, run_dirs, args.output / "report", _say)
     from ftforget.report import write_report
 
     report = write_report(run_dirs, args.output / "report")

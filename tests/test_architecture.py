@@ -44,6 +44,8 @@ ALLOWED: dict[str, set[str]] = {
         "runs",
     },
     "sweep": {"resources", "runs"},
+    # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
+    "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
     "demo": {
         "backbones",
         "cli",
@@ -55,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
         "resources",
         "runs",
         "sweep",
+        "tasks",
     },
     "commands": {
         "config_files",
@@ -73,6 +76,7 @@ ALLOWED: dict[str, set[str]] = {
         "runs",
         "stats",
         "sweep",
+        "tasks",
     },
     "__main__": {"commands"},
     "__init__": set(),

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "knob": ("knob", "a run's network moved back toward its start, W0 + a (W1 - W0), measured at several a"),
     "sweep": ("sweep", "configs x seeds: fit, test the selected checkpoint, report; resumable; SLURM arrays"),
     "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
+    "export": ("export", "what a run's method changed relative to its base, as one safetensors file"),
+    "attach": ("attach", "put an exported task onto a base backbone (checked by SHA-256), as a checkpoint"),
 }
 
 #: errors that mean bad input: their message names the option or file, a traceback would only hide it

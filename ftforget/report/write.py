@@ -8,6 +8,7 @@ from pathlib import Path
 from ftforget.report.figures import save_figures
 from ftforget.report.groups import group_runs
 from ftforget.report.knob import KNOB_CSV, KnobPoint, knob_curves, knob_markdown, write_knob_csv
+from ftforget.report.routing import routing_section
 from ftforget.report.runs import Run, load_runs
 from ftforget.report.table import Row, build_table, statistics_markdown, to_markdown, write_csv
 
@@ -83,6 +84,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     knob_table = knob_markdown(knob) if knob else ""
     knob_md = f"\n### Stability-plasticity knob (ftforget knob)\n\n{knob_table}" if knob else ""
     notes_md = "".join(f"\n{note}\n" for note in notes)
+    routing = routing_section(out, [run.path for run in measured])  # one base, many tasks (ftforget demo)
+    notes_md += f"\n{routing}" if routing else ""
     md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{knob_md}{notes_md}")
     files = [md_path, csv_path, *([knob_csv] if knob else []), *figures]
     return Report(
