@@ -2,7 +2,10 @@
 
 Every method and the forgetting probe use the same backbone feature: the CLS token after the final
 LayerNorm (DINO's definition for k-NN evaluation). A timm ViT built with ``num_classes=0`` and
-``global_pool="token"`` returns exactly that from ``model(x)``.
+``global_pool="token"`` returns exactly that from ``model(x)``; :mod:`ftforget.backbone_families` says what
+that is for each supported family (DINO, DINOv2 with and without registers, MAE, CLIP, supervised, DeiT)
+and converts their original checkpoint formats. :func:`preprocessing` gives the input size, mean/std and
+eval transform of timm's pretrained config, which training and the probe use.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -21,6 +25,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from ftforget.backbone_families import from_original_format
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.dino"
 
@@ -97,9 +103,9 @@ def build_backbone(
 
     Args:
         name: timm model name, e.g. ``vit_base_patch16_224.dino``.
-        checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, or a Hugging
-            Face ``facebook/dino-vitb16`` state dict). Loaded strictly; takes precedence over
-            ``pretrained``.
+        checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, a Hugging
+            Face ``facebook/dino-vitb16`` state dict, or a DINOv2, MAE or OpenAI CLIP checkpoint in its
+            original format). Loaded strictly; takes precedence over ``pretrained``.
         pretrained: download timm's weights for ``name`` (needs internet access).
         **timm_overrides: keyword arguments for ``timm.create_model``, e.g. ``depth=2, embed_dim=32,
             img_size=32, patch_size=8`` for a tiny test model of the same architecture.
@@ -184,18 +190,30 @@ def _read_file(path: Path) -> Mapping[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
+        if _is_torchscript(path):  # OpenAI's CLIP releases are TorchScript archives
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise many types for a corrupt file
         raise CheckpointError(f"checkpoint file {str(path)!r} could not be read: {err}") from err
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip whose records include ``<name>/constants.pkl`` or ``<name>/code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Unwraps a checkpoint into timm ViT key names.
 
     Handles nesting under ``state_dict``/``model``/``teacher``/``student``, the ``module.``,
-    ``backbone.`` (DINO), ``encoder.`` and ``vit.`` prefixes, and Hugging Face ``ViTModel`` key names.
-    Keys outside the backbone of a wrapped checkpoint (DINO's projection head, a classifier head) are
-    dropped; everything else is kept so that a strict load reports it.
+    ``backbone.`` (DINO), ``encoder.`` and ``vit.`` prefixes, Hugging Face ``ViTModel`` key names, and
+    the original DINOv2, MAE and OpenAI CLIP formats (:func:`~ftforget.backbone_families.from_original_format`).
+    Keys outside the backbone of a wrapped checkpoint (DINO's projection head, a classifier head, MAE's
+    decoder, CLIP's text tower and image projection) are dropped; everything else is kept so that a strict
+    load reports it.
     """
     state: Mapping[str, Any] = raw
     for key in _NESTING_KEYS:
@@ -210,6 +228,7 @@ def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             # A wrapper: what sits under the prefix is the backbone, the rest (e.g. DINO's projection
             # head under "head.") belongs to the wrapper.
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = from_original_format(tensors)
     # A classifier head is not part of a headless backbone.
     return {k: v for k, v in tensors.items() if not k.startswith("head.")}
 
@@ -305,3 +324,24 @@ def input_size(model: nn.Module) -> int | None:
     """The square input side a timm ViT was built for (``patch_embed.img_size``), None if it has none."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return int(size[0]) if size is not None else None
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """What timm's pretrained config of ``model`` prescribes for its inputs.
+
+    Returns:
+        ``input_size`` (the square side the model was built for: :func:`input_size`, which follows an
+        ``img_size`` override), ``mean`` and ``std`` (3-tuples), ``crop_pct`` and ``interpolation`` (timm's
+        eval transform: resize to ``input_size / crop_pct``, center crop). Empty if the model has no
+        pretrained config (not a timm model).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not cfg or cfg.get("mean") is None:
+        return {}
+    return {
+        "input_size": input_size(model),
+        "mean": tuple(float(v) for v in cfg["mean"]),
+        "std": tuple(float(v) for v in cfg["std"]),
+        "crop_pct": float(cfg.get("crop_pct") or 0.875),
+        "interpolation": str(cfg.get("interpolation") or "bicubic"),
+    }
