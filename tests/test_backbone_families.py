@@ -501,3 +501,63 @@ def test_readme_backbone_command_parses(capsys):
         assert info.value.code == 0
         printed = capsys.readouterr().out
         assert "normalization: backbone" in printed and "image_size: null" in printed
+
+
+# ------------------------------------------------------------------ the probe and the data follow the backbone
+@pytest.mark.parametrize("cached", [False, True], ids=["jpeg", "pixel-cache"])
+def test_imagenet_probe_normalises_with_the_backbones_stats(tmp_path, cached):
+    from PIL import Image
+
+    from ftforget.data.imagenet import ImageNetProbe
+    from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+    from tests.test_imagenet_probe import WNIDS, make_tree
+
+    root = make_tree(tmp_path / "imagenet", n_train=2, n_val=1)
+    with torch.device("meta"):
+        stats = preprocessing(build_backbone(BY_KEY["clip_vitb16"].timm_name))
+    cache = {"pixel_cache_dir": str(tmp_path / "pixels")} if cached else {}
+    probes = {}
+    for normalization in ("backbone", "imagenet"):
+        probe = ImageNetProbe(root=str(root), normalization=normalization, **cache)
+        probe.match_input_size(32)
+        probe.match_normalization(stats["mean"], stats["std"])
+        probe.setup()
+        probes[normalization] = probe
+    pixels = Image.open(root / "train" / WNIDS[0] / f"{WNIDS[0]}_1.JPEG").convert("RGB")
+    clip = eval_transform(round(32 * 256 / 224), 32, stats["mean"], stats["std"])(pixels)
+    imagenet = eval_transform(round(32 * 256 / 224), 32, IMAGENET_MEAN, IMAGENET_STD)(pixels)
+    assert not torch.equal(clip, imagenet)
+    assert torch.equal(probes["backbone"].bank_dataset()[1][0], clip)
+    assert torch.equal(probes["imagenet"].bank_dataset()[1][0], imagenet)  # pinned to ImageNet's
+    assert probes["backbone"].cache_key() != probes["imagenet"].cache_key()
+    with pytest.raises(RuntimeError, match="before setup"):
+        probes["backbone"].match_normalization(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_data_image_size_null_follows_the_model_then_timms_config(tmp_path):
+    from ftforget.data import ImageFolderDataModule
+    from tests.test_datasets import write_image_folder
+
+    write_image_folder(tmp_path)
+    common = {"root": str(tmp_path), "num_workers": 0, "val_size": 2, "image_size": None}
+    dm = ImageFolderDataModule(backbone=BY_KEY["dinov2_vits14"].timm_name, **common)
+    assert dm.input_side() == 518  # timm's pretrained config
+    dm.match_input_size(28)  # what ftforget fit tells it: the built model's
+    dm.setup("fit")
+    assert dm.input_side() == 28 and dm.dataset("train")[0][0].shape == (3, 28, 28)
+    with pytest.raises(ValueError, match="data.image_size=null .*data.backbone='no_such_vit'"):
+        ImageFolderDataModule(backbone="no_such_vit", **common).input_side()
+
+
+def test_forgetting_callback_tells_the_probe_the_backbones_input_and_stats(tmp_path):
+    from ftforget.data.imagenet import ImageNetProbe
+    from ftforget.forgetting import ForgettingCallback, KNNConfig
+    from tests.test_imagenet_probe import make_tree
+
+    family = BY_KEY["clip_vitb16"]
+    probe = ImageNetProbe(root=str(make_tree(tmp_path, n_train=2, n_val=1)))
+    callback = ForgettingCallback(probe=probe, knn=KNNConfig(k=[1]), new_task_val=False)
+    module = LoRA(num_classes=3, backbone=family.timm_name, backbone_kwargs=tiny_kwargs(family))
+    callback.check_inputs(None, module, "fit")
+    cfg = get_pretrained_cfg(family.timm_name)
+    assert (probe.mean, probe.std, probe.crop_size) == (tuple(cfg.mean), tuple(cfg.std), 32)
