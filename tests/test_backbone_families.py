@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -433,7 +434,7 @@ FITS = [
     ids=[f"{k}-{m}" for k, m, _ in FITS],
 )
 @pytest.mark.usefixtures("no_md5")
-def test_two_step_fit_of_a_tiny_family(key, method, data, tmp_path):
+def test_two_step_fit_of_a_tiny_family(key, method, data, tmp_path, caplog):
     from ftforget.cli import run_lightning
     from tests.helpers import tiny_trainer_options
     from tests.test_datasets import SETS
@@ -454,8 +455,12 @@ def test_two_step_fit_of_a_tiny_family(key, method, data, tmp_path):
     configs = [ROOT / "configs" / f"{method}.yaml", ROOT / "configs" / "data" / f"{data}.yaml"]
     configs.append(ROOT / "configs" / "backbones" / f"{key}.yaml")
     argv = ["fit", *[a for c in configs for a in ("--config", str(c))]]
-    cli = run_lightning(argv + [a for k, v in options.items() for a in (f"--{k}", v)])
+    with caplog.at_level(logging.INFO):
+        cli = run_lightning(argv + [a for k, v in options.items() for a in (f"--{k}", v)])
     assert cli.trainer.global_step == 2 and "val/acc1" in cli.trainer.callback_metrics
+    trainable, total = cli.model.parameter_counts()
+    assert f": {trainable:,} trainable parameters of {total:,} " in caplog.text
+    assert f"on backbone {family.timm_name}" in caplog.text
     assert cli.datamodule.input_side() == family.tiny["img_size"]  # image_size null: the built model's
     mean, std = get_pretrained_cfg(family.timm_name).mean, get_pretrained_cfg(family.timm_name).std
     assert cli.datamodule.normalization_stats() == (tuple(mean), tuple(std))
