@@ -10,6 +10,7 @@ eval transform of timm's pretrained config, which training and the probe use.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -105,7 +106,8 @@ def build_backbone(
         name: timm model name, e.g. ``vit_base_patch16_224.dino``.
         checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, a Hugging
             Face ``facebook/dino-vitb16`` state dict, or a DINOv2, MAE or OpenAI CLIP checkpoint in its
-            original format). Loaded strictly; takes precedence over ``pretrained``.
+            original format). Loaded strictly (a position embedding of another image size is resampled
+            to the model's grid, as timm does for its own weights); takes precedence over ``pretrained``.
         pretrained: download timm's weights for ``name`` (needs internet access).
         **timm_overrides: keyword arguments for ``timm.create_model``, e.g. ``depth=2, embed_dim=32,
             img_size=32, patch_size=8`` for a tiny test model of the same architecture.
@@ -161,7 +163,7 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
     raw = _read_file(path)
-    state = normalize_state_dict(raw)
+    state = resample_pos_embed(normalize_state_dict(raw), model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -182,6 +184,33 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
                 parts.append(f"  {title} ({len(keys)}): {shown}")
         raise CheckpointError("\n".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def resample_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """The checkpoint's position embedding resampled to the model's patch grid, as timm does for its own
+    pretrained weights (bicubic, antialiased): e.g. DINOv2's 518 px (37 x 37) weights for a 224 px model.
+
+    Only a square grid of the same width is resampled; any other difference stays for the strict load to
+    report.
+    """
+    old, new = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if (
+        old is None
+        or new is None
+        or old.shape == new.shape
+        or old.ndim != 3
+        or old.shape[-1] != new.shape[-1]
+    ):
+        return state
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    side = math.isqrt(max(old.shape[1] - prefix, 0))
+    if side * side != old.shape[1] - prefix or side == 0:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    grid = tuple(model.patch_embed.grid_size)
+    resampled = resample_abs_pos_embed(old, new_size=grid, old_size=(side, side), num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled}
 
 
 def _read_file(path: Path) -> Mapping[str, Any]:

@@ -566,3 +566,19 @@ def test_forgetting_callback_tells_the_probe_the_backbones_input_and_stats(tmp_p
     callback.check_inputs(None, module, "fit")
     cfg = get_pretrained_cfg(family.timm_name)
     assert (probe.mean, probe.std, probe.crop_size) == (tuple(cfg.mean), tuple(cfg.std), 32)
+
+
+def test_dinov2_hub_weights_of_another_size_load_with_the_patch_positions_resampled(tmp_path):
+    """DINOv2's 518 px weights fine-tuned at 224 px, in miniature: 56 px hub weights into a 28 px model."""
+    from timm.layers import resample_abs_pos_embed
+
+    family = BY_KEY["dinov2_vits14_reg"]
+    torch.manual_seed(6)
+    large = build_backbone(family.timm_name, **{**tiny_kwargs(family), "img_size": 56})
+    state = {k: (v * 1024).round() / 1024 for k, v in large.state_dict().items()}
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(to_dinov2(state), path)
+    loaded = build_backbone(family.timm_name, checkpoint=path, **tiny_kwargs(family))
+    assert torch.equal(loaded.cls_token.detach(), state["cls_token"])  # registers' layout: no CLS position
+    expected = resample_abs_pos_embed(state["pos_embed"], new_size=(4, 4), num_prefix_tokens=0)
+    assert loaded.pos_embed.shape == (1, 16, 32) and torch.equal(loaded.pos_embed.detach(), expected)
