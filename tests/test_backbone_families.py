@@ -29,6 +29,15 @@ ADD_ONS = sorted((ROOT / "configs" / "backbones").glob("*.yaml"))
 KEYS = [f.key for f in FAMILIES]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread; on a busy machine two threads' contention makes each op ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_kwargs(family: Family, depth: int = 3) -> dict:
     return {**family.tiny, "depth": depth}
 
