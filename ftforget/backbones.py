@@ -10,6 +10,7 @@ eval transform of timm's pretrained config, which training and the probe use.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from torch import nn
 from ftforget.backbone_families import from_original_format
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.dino"
+log = logging.getLogger(__name__)
 
 # Keys a checkpoint may nest its state dict under, tried in this order.
 _NESTING_KEYS = ("state_dict", "model", "teacher", "student", "module")
@@ -210,6 +212,9 @@ def resample_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer)
 
     grid = tuple(model.patch_embed.grid_size)
     resampled = resample_abs_pos_embed(old, new_size=grid, old_size=(side, side), num_prefix_tokens=prefix)
+    log.info(
+        f"checkpoint position embedding resampled from a {side}x{side} to a {grid[0]}x{grid[1]} patch grid"
+    )
     return {**state, "pos_embed": resampled}
 
 

@@ -102,13 +102,15 @@ def test_shape_mismatch_is_reported(tmp_path):
         build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
 
 
-def test_position_embedding_of_another_image_size_is_resampled_as_timm_does(tmp_path):
+def test_position_embedding_of_another_image_size_is_resampled_as_timm_does(tmp_path, caplog):
     from timm.layers import resample_abs_pos_embed
 
     source = _tiny(seed=5, img_size=64)  # an 8 x 8 grid of patches; the model has 4 x 4
     path = tmp_path / "larger_images.pth"
     torch.save(source.state_dict(), path)
-    loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+    with caplog.at_level("INFO", logger="ftforget.backbones"):
+        loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+    assert "resampled from a 8x8 to a 4x4 patch grid" in caplog.text
     expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
     assert torch.equal(loaded.pos_embed.detach(), expected)
     assert torch.equal(loaded.pos_embed[:, 0], source.pos_embed[:, 0])  # the CLS position is kept
