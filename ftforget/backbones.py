@@ -2,14 +2,20 @@
 
 Every method and the forgetting probe use the same backbone feature: the CLS token after the final
 LayerNorm (DINO's definition for k-NN evaluation). A timm ViT built with ``num_classes=0`` and
-``global_pool="token"`` returns exactly that from ``model(x)``.
+``global_pool="token"`` returns exactly that from ``model(x)``; :mod:`ftforget.backbone_families` says what
+that is for each supported family (DINO, DINOv2 with and without registers, MAE, CLIP, supervised, DeiT)
+and converts their original checkpoint formats. :func:`preprocessing` gives the input size, mean/std and
+eval transform of timm's pretrained config, which training and the probe use.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import socket
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -22,7 +28,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ftforget.backbone_families import from_original_format
+
 DEFAULT_BACKBONE = "vit_base_patch16_224.dino"
+log = logging.getLogger(__name__)
 
 # Keys a checkpoint may nest its state dict under, tried in this order.
 _NESTING_KEYS = ("state_dict", "model", "teacher", "student", "module")
@@ -97,9 +106,10 @@ def build_backbone(
 
     Args:
         name: timm model name, e.g. ``vit_base_patch16_224.dino``.
-        checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, or a Hugging
-            Face ``facebook/dino-vitb16`` state dict). Loaded strictly; takes precedence over
-            ``pretrained``.
+        checkpoint: local weights (timm/DINO ``.pth``/``.pt``/``.bin``/``.safetensors``, a Hugging
+            Face ``facebook/dino-vitb16`` state dict, or a DINOv2, MAE or OpenAI CLIP checkpoint in its
+            original format). Loaded strictly (a position embedding of another image size is resampled
+            to the model's grid, as timm does for its own weights); takes precedence over ``pretrained``.
         pretrained: download timm's weights for ``name`` (needs internet access).
         **timm_overrides: keyword arguments for ``timm.create_model``, e.g. ``depth=2, embed_dim=32,
             img_size=32, patch_size=8`` for a tiny test model of the same architecture.
@@ -155,7 +165,7 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
     raw = _read_file(path)
-    state = normalize_state_dict(raw)
+    state = resample_pos_embed(normalize_state_dict(raw), model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -178,24 +188,66 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def resample_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """The checkpoint's position embedding resampled to the model's patch grid, as timm does for its own
+    pretrained weights (bicubic, antialiased): e.g. DINOv2's 518 px (37 x 37) weights for a 224 px model.
+
+    Only a square grid of the same width is resampled; any other difference stays for the strict load to
+    report.
+    """
+    old, new = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if (
+        old is None
+        or new is None
+        or old.shape == new.shape
+        or old.ndim != 3
+        or old.shape[-1] != new.shape[-1]
+    ):
+        return state
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    side = math.isqrt(max(old.shape[1] - prefix, 0))
+    if side * side != old.shape[1] - prefix or side == 0:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    grid = tuple(model.patch_embed.grid_size)
+    resampled = resample_abs_pos_embed(old, new_size=grid, old_size=(side, side), num_prefix_tokens=prefix)
+    log.info(
+        f"checkpoint position embedding resampled from a {side}x{side} to a {grid[0]}x{grid[1]} patch grid"
+    )
+    return {**state, "pos_embed": resampled}
+
+
 def _read_file(path: Path) -> Mapping[str, Any]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
+        if _is_torchscript(path):  # OpenAI's CLIP releases are TorchScript archives
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise many types for a corrupt file
         raise CheckpointError(f"checkpoint file {str(path)!r} could not be read: {err}") from err
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip whose records include ``<name>/constants.pkl`` or ``<name>/code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Unwraps a checkpoint into timm ViT key names.
 
     Handles nesting under ``state_dict``/``model``/``teacher``/``student``, the ``module.``,
-    ``backbone.`` (DINO), ``encoder.`` and ``vit.`` prefixes, and Hugging Face ``ViTModel`` key names.
-    Keys outside the backbone of a wrapped checkpoint (DINO's projection head, a classifier head) are
-    dropped; everything else is kept so that a strict load reports it.
+    ``backbone.`` (DINO), ``encoder.`` and ``vit.`` prefixes, Hugging Face ``ViTModel`` key names, and
+    the original DINOv2, MAE and OpenAI CLIP formats (:func:`~ftforget.backbone_families.from_original_format`).
+    Keys outside the backbone of a wrapped checkpoint (DINO's projection head, a classifier head, MAE's
+    decoder, CLIP's text tower and image projection) are dropped; everything else is kept so that a strict
+    load reports it.
     """
     state: Mapping[str, Any] = raw
     for key in _NESTING_KEYS:
@@ -210,6 +262,7 @@ def normalize_state_dict(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             # A wrapper: what sits under the prefix is the backbone, the rest (e.g. DINO's projection
             # head under "head.") belongs to the wrapper.
             tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = from_original_format(tensors)
     # A classifier head is not part of a headless backbone.
     return {k: v for k, v in tensors.items() if not k.startswith("head.")}
 
@@ -305,3 +358,24 @@ def input_size(model: nn.Module) -> int | None:
     """The square input side a timm ViT was built for (``patch_embed.img_size``), None if it has none."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return int(size[0]) if size is not None else None
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """What timm's pretrained config of ``model`` prescribes for its inputs.
+
+    Returns:
+        ``input_size`` (the square side the model was built for: :func:`input_size`, which follows an
+        ``img_size`` override), ``mean`` and ``std`` (3-tuples), ``crop_pct`` and ``interpolation`` (timm's
+        eval transform: resize to ``input_size / crop_pct``, center crop). Empty if the model has no
+        pretrained config (not a timm model).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not cfg or cfg.get("mean") is None:
+        return {}
+    return {
+        "input_size": input_size(model),
+        "mean": tuple(float(v) for v in cfg["mean"]),
+        "std": tuple(float(v) for v in cfg["std"]),
+        "crop_pct": float(cfg.get("crop_pct") or 0.875),
+        "interpolation": str(cfg.get("interpolation") or "bicubic"),
+    }

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ftforget.backbones import weights_restored_later
+from ftforget.backbones import input_size, weights_restored_later
 from ftforget.checkpoint_io import with_atomic_checkpoint_io
 from ftforget.checkpointing import FTForgetCheckpoint
 from ftforget.config_files import check_config_files
@@ -150,6 +150,10 @@ class FTForgetCLI(LightningCLI):
     def _preflight(self, stage: str) -> None:
         """The data module and the callbacks check their inputs before the trainer creates the run
         directory: a failed start leaves nothing behind."""
+        match = getattr(self.datamodule, "match_input_size", None)
+        size = input_size(getattr(self.model, "backbone", None))
+        if callable(match) and size is not None:
+            match(size)  # image_size null: the data follows the built backbone
         check = getattr(self.datamodule, "check_inputs", None)
         if callable(check):
             check(stage)

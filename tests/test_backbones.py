@@ -92,11 +92,29 @@ def test_missing_and_unexpected_keys_are_listed_with_the_file(tmp_path):
 
 
 def test_shape_mismatch_is_reported(tmp_path):
-    path = tmp_path / "larger_images.pth"
-    torch.save(_tiny(img_size=64).state_dict(), path)
-    expected = r"larger_images.pth.*\n  shape mismatches \(1\): pos_embed: checkpoint \(1, 65, 32\) vs model \(1, 17, 32\)"
+    path = tmp_path / "smaller_patches.pth"
+    torch.save(_tiny(patch_size=4, img_size=16).state_dict(), path)
+    expected = (
+        r"smaller_patches.pth.*\n  shape mismatches \(1\): "
+        r"patch_embed.proj.weight: checkpoint \(32, 3, 4, 4\) vs model \(32, 3, 8, 8\)"
+    )
     with pytest.raises(CheckpointError, match=expected):
         build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+
+
+def test_position_embedding_of_another_image_size_is_resampled_as_timm_does(tmp_path, caplog):
+    from timm.layers import resample_abs_pos_embed
+
+    source = _tiny(seed=5, img_size=64)  # an 8 x 8 grid of patches; the model has 4 x 4
+    path = tmp_path / "larger_images.pth"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level("INFO", logger="ftforget.backbones"):
+        loaded = build_backbone("vit_base_patch16_224", checkpoint=path, **TINY)
+    assert "resampled from a 8x8 to a 4x4 patch grid" in caplog.text
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
+    assert torch.equal(loaded.pos_embed.detach(), expected)
+    assert torch.equal(loaded.pos_embed[:, 0], source.pos_embed[:, 0])  # the CLS position is kept
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
 def test_missing_and_corrupt_files_are_named(tmp_path):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from ftforget.backbones import build_backbone, input_size
+from ftforget.backbones import build_backbone, input_size, preprocessing
 from ftforget.config_files import check_config_files
 from ftforget.data.digits import DigitsProbe  # noqa: F401  (importable by its short name)
 from ftforget.data.imagenet import ImageNetProbe  # noqa: F401
@@ -137,6 +137,8 @@ def measure(
     size = input_size(model.feature_module)  # type: ignore[arg-type]
     if size is not None:
         probe.match_input_size(size)
+    if stats := preprocessing(model.feature_module):  # type: ignore[arg-type]
+        probe.match_normalization(stats["mean"], stats["std"])
     probe.setup()
     model.to(device)
     fingerprint = feature_fingerprint(model)

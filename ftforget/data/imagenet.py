@@ -20,6 +20,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -88,6 +89,9 @@ class ImageNetProbe(ProbeData):
         seed: seed of both subsets.
         resize_size: shorter side after the bicubic resize (None: ``crop_size * 256 / 224``, DINO's ratio).
         crop_size: center crop (None: the input size of the measured model, else 224).
+        normalization: ``backbone``: the mean/std of the measured backbone's pretrained config in timm
+            (ImageNet's for DINO, DINOv2, MAE, DeiT; CLIP's own; 0.5/0.5 for the supervised AugReg ViTs),
+            told by the forgetting callback and ``ftforget measure``; ``imagenet``: ImageNet's always.
         pixel_cache_dir: keep the center-cropped uint8 pixels of bank and queries in memory-mapped files
             here (built on first use: ~150 KB per image at 224 px), so later measurements decode no JPEG.
         cache_identity: what identifies an image file in :meth:`cache_key` (the key of the pixel cache and
@@ -111,6 +115,7 @@ class ImageNetProbe(ProbeData):
         seed: int = 0,
         resize_size: int | None = None,
         crop_size: int | None = None,
+        normalization: Literal["backbone", "imagenet"] = "backbone",
         pixel_cache_dir: str | None = None,
         cache_identity: str = "stat",
     ) -> None:
@@ -128,7 +133,13 @@ class ImageNetProbe(ProbeData):
         self.val_dir = Path(val_dir).expanduser() if val_dir else self.root / "val"  # type: ignore[operator]
         self.val_labels = Path(val_labels).expanduser() if val_labels else None
         self.bank_per_class, self.queries_per_class, self.seed = bank_per_class, queries_per_class, seed
+        if normalization not in ("backbone", "imagenet"):
+            raise ValueError(
+                f"ImageNet probe: normalization must be 'backbone' or 'imagenet', got {normalization!r}"
+            )
         self._sizes = (resize_size, crop_size)
+        self.normalization = normalization
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.resize_size, self.crop_size = self._resolve_sizes(None)
         self.pixel_cache_dir = Path(pixel_cache_dir).expanduser() if pixel_cache_dir else None
         self.cache_identity = cache_identity
@@ -147,13 +158,21 @@ class ImageNetProbe(ProbeData):
 
     @property
     def transform(self) -> transforms.Compose:
-        return eval_transform(self.resize_size, self.crop_size)
+        return eval_transform(self.resize_size, self.crop_size, self.mean, self.std)
 
     def match_input_size(self, size: int) -> None:
         """The crop follows the model's input size unless ``crop_size`` was given."""
         if self.classes and (self.resize_size, self.crop_size) != self._resolve_sizes(size):
             raise RuntimeError("ImageNetProbe.match_input_size must be called before setup()")
         self.resize_size, self.crop_size = self._resolve_sizes(size)
+
+    def match_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """With ``normalization="backbone"``, the measured backbone's mean/std replace ImageNet's."""
+        if self.normalization != "backbone":
+            return
+        if self.classes and (self.mean, self.std) != (tuple(mean), tuple(std)):
+            raise RuntimeError("ImageNetProbe.match_normalization must be called before setup()")
+        self.mean, self.std = tuple(mean), tuple(std)
 
     @property
     def num_classes(self) -> int:
@@ -215,6 +234,7 @@ class ImageNetProbe(ProbeData):
         labels = [label for _, label in samples]
         cached = open_pixel_cache(prefix, labels, self.crop_size)
         if cached is not None:
+            cached.mean, cached.std = self.mean, self.std
             return cached
         log.info(f"ImageNet probe: building the pixel cache {prefix} ({len(samples)} images)")
         decode = transforms.Compose([crop_transform(self.resize_size, self.crop_size), ToUint8Array()])
@@ -222,6 +242,7 @@ class ImageNetProbe(ProbeData):
         rebuilt = open_pixel_cache(prefix, labels, self.crop_size)
         if rebuilt is None:
             raise RuntimeError(f"ImageNet probe: the pixel cache {str(prefix)!r} just built is unreadable")
+        rebuilt.mean, rebuilt.std = self.mean, self.std
         return rebuilt
 
     def cache_key(self) -> str:
@@ -249,7 +270,7 @@ class ImageNetProbe(ProbeData):
                 ).encode()
             )
         transform = {"resize": self.resize_size, "crop": self.crop_size, "interp": "bicubic"}
-        digest.update(json.dumps(transform | {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}).encode())
+        digest.update(json.dumps(transform | {"mean": self.mean, "std": self.std}).encode())
         self._cache_key = f"{self.name}-{digest.hexdigest()[:32]}"  # 1.33M names: hash them once
         return self._cache_key
 

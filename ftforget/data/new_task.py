@@ -72,6 +72,23 @@ def holdout_split(n: int, val_size: int, seed: int) -> tuple[list[int], list[int
 NORMALIZATION_CHOICES = ("backbone", *NORMALIZATIONS)
 
 
+def backbone_input_size(backbone: str | None) -> int:
+    """The input side that timm's pretrained config of ``backbone`` names (224; DINOv2: 518).
+
+    Raises:
+        ValueError: no backbone name was given, or timm knows no pretrained config for it.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone) if backbone else None
+    if cfg is None or not cfg.input_size:
+        raise ValueError(
+            f"data.image_size=null follows the backbone's input size, but timm has no pretrained config for "
+            f"data.backbone={backbone!r} (linked from model.init_args.backbone): set data.image_size"
+        )
+    return int(cfg.input_size[-1])
+
+
 def backbone_stats(backbone: str | None) -> tuple[Sequence[float], Sequence[float]]:
     """The mean/std that timm's pretrained config of ``backbone`` (e.g. ``vit_base_patch16_224.dino``) names.
 
@@ -114,7 +131,8 @@ class NewTaskDataModule(FineTuneDataModule):
         num_workers: data-loading worker processes per training process (default: ``min(8, cores - 1)``).
         val_size: training images held out for validation; unused where the dataset has its own val split.
         split_seed: seed of the held-out split.
-        image_size: side of the network input.
+        image_size: side of the network input; ``None``: the backbone's (``ftforget fit`` tells the data
+            the built model's input size; otherwise timm's pretrained config of ``backbone``).
         crop_scale: RandomResizedCrop scale range (the paper's augmentation: RandomResizedCrop, flip).
         normalization: ``backbone`` (the mean/std of ``backbone``'s pretrained config in timm),
             ``imagenet`` (ImageNet's mean/std) or ``half`` (0.5/0.5).
@@ -135,7 +153,7 @@ class NewTaskDataModule(FineTuneDataModule):
         num_workers: int = default_num_workers(),  # noqa: B008 (evaluated once: the machine)
         val_size: int = 5000,
         split_seed: int = 0,
-        image_size: int = 224,
+        image_size: int | None = 224,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         normalization: Literal["backbone", "imagenet", "half"] = "backbone",
         backbone: str | None = None,
@@ -150,6 +168,7 @@ class NewTaskDataModule(FineTuneDataModule):
             raise ValueError(f"data.download: {self.title} cannot be downloaded; point data.root at a copy")
         self.save_hyperparameters(ignore=["probe"])
         self.root = Path(root).expanduser()
+        self._model_input_size: int | None = None
 
     # ------------------------------------------------------------------ what a dataset says
     @abstractmethod
@@ -168,6 +187,16 @@ class NewTaskDataModule(FineTuneDataModule):
         """Downloads the dataset into ``root`` (datasets with ``downloadable`` only)."""
 
     # ------------------------------------------------------------------ shared
+    def match_input_size(self, size: int) -> None:
+        """Told the built model's input side (by ``ftforget fit``/``test``); used where ``image_size`` is None."""
+        self._model_input_size = size
+
+    def input_side(self) -> int:
+        """The side images are resized/cropped to: ``image_size``, else the model's, else the backbone's."""
+        if self.hparams.image_size is not None:
+            return int(self.hparams.image_size)
+        return self._model_input_size or backbone_input_size(self.hparams.backbone)
+
     def normalization_stats(self) -> tuple[Sequence[float], Sequence[float]]:
         """The mean/std the transforms normalise with."""
         normalization = self.hparams.normalization
@@ -206,8 +235,9 @@ class NewTaskDataModule(FineTuneDataModule):
     def build_datasets(self) -> dict[str, Dataset]:
         hp = self.hparams
         stats = self.normalization_stats()
-        train_tf = train_transform(hp.image_size, tuple(hp.crop_scale), stats)
-        eval_tf = eval_transform(hp.image_size, stats)
+        size = self.input_side()
+        train_tf = train_transform(size, tuple(hp.crop_scale), stats)
+        eval_tf = eval_transform(size, stats)
         train, val = self.load("train", train_tf), self.load("val", eval_tf)
         if train is None:
             raise self.not_found("no training split")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ftforget.data.transforms import to_normalized_tensor
+from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 from ftforget.machine import default_num_workers
 from ftforget.progress import progress_bar
 
@@ -137,6 +137,8 @@ class PixelCacheDataset(Dataset):
             raise FileNotFoundError(f"pixel cache {str(prefix)!r}: {prefix.name}.u8/.json not found")
         self.size, self.labels = read_pixel_cache_meta(prefix.with_suffix(".json"))
         self.prefix = prefix
+        #: the normalisation of the items (the probe sets the measured backbone's)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         expected = len(self.labels) * self.size * self.size * 3
         actual = prefix.with_suffix(".u8").stat().st_size
         if actual != expected:
@@ -152,7 +154,7 @@ class PixelCacheDataset(Dataset):
         if self._array is None:
             shape = (len(self.labels), self.size, self.size, 3)
             self._array = np.memmap(self.prefix.with_suffix(".u8"), dtype=np.uint8, mode="r", shape=shape)
-        return to_normalized_tensor(np.array(self._array[index])), self.labels[index]
+        return to_normalized_tensor(np.array(self._array[index]), self.mean, self.std), self.labels[index]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}

@@ -58,6 +58,11 @@ class ProbeData(ABC):
         """Told the model's input side before :meth:`setup`; a probe whose image size is unset adopts it."""
         del size  # fixed-size probes ignore it
 
+    def match_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Told the measured backbone's pretrained mean/std before :meth:`setup`; a probe that normalises
+        images may adopt them."""
+        del mean, std  # probes with fixed inputs ignore it
+
     def cache_key(self) -> str:
         """Identifies the probe's data and transform for on-disk feature caches (override to enable caching)."""
         return ""

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ftforget.backbones import input_size
+from ftforget.backbones import input_size, preprocessing
 from ftforget.data.probe import ProbeData
 from ftforget.files import atomic_write
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
@@ -144,9 +144,12 @@ class ForgettingCallback(L.Callback):
             )
         if not isinstance(probe, ProbeData):
             raise TypeError(f"ForgettingCallback: probe must be a ProbeData, got {type(probe).__name__}")
-        size = input_size(require_probed(pl_module, "ForgettingCallback").feature_module)
+        feature_module = require_probed(pl_module, "ForgettingCallback").feature_module
+        size = input_size(feature_module)
         if size is not None:
             probe.match_input_size(size)
+        if stats := preprocessing(feature_module):
+            probe.match_normalization(stats["mean"], stats["std"])
         probe.setup()
         n_bank = len(probe.bank_dataset())  # type: ignore[arg-type]
         if max(self.config.ks) > n_bank:

@@ -371,7 +371,7 @@ class FineTuningModule(L.LightningModule):
         trainable, total = self.parameter_counts()
         rank_zero_info(
             f"{type(self).__name__}: {trainable:,} trainable parameters of {total:,} "
-            f"({100.0 * trainable / total:.3f}%)"
+            f"({100.0 * trainable / total:.3f}%) on backbone {self.hparams.backbone}"
         )
 
     def on_test_start(self) -> None:
