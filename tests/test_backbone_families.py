@@ -591,3 +591,31 @@ def test_dinov2_hub_weights_of_another_size_load_with_the_patch_positions_resamp
     assert torch.equal(loaded.cls_token.detach(), state["cls_token"])  # registers' layout: no CLS position
     expected = resample_abs_pos_embed(state["pos_embed"], new_size=(4, 4), num_prefix_tokens=0)
     assert loaded.pos_embed.shape == (1, 16, 32) and torch.equal(loaded.pos_embed.detach(), expected)
+
+
+def _keys(path: Path) -> set[str]:
+    """The dotted keys a YAML config file sets (lists are leaves)."""
+    import yaml
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            return set().union(*(walk(v, f"{prefix}{k}.") for k, v in node.items())) if node else set()
+        return {prefix[:-1]}
+
+    return walk(yaml.safe_load(path.read_text()) or {}, "")
+
+
+def test_the_three_kinds_of_config_set_disjoint_keys():
+    """Why the pairs parsed above cover every (method, dataset, backbone) triple: a method config sets no data
+    key, a dataset add-on no model key, and a backbone add-on only the backbone's name and the two data keys
+    it decides (``image_size``, ``normalization``: it comes last and wins, as the README says)."""
+    backbone_keys = {"model.init_args.backbone", "data.init_args.image_size", "data.init_args.normalization"}
+    for path in ADD_ONS:
+        assert _keys(path) == backbone_keys, path.name
+    for path in DATA_ADD_ONS:
+        assert all(k.startswith("data.") for k in _keys(path)), path.name
+    for path in METHOD_CONFIGS:
+        keys = _keys(path)
+        assert not any(k.startswith("data.") for k in keys) and "model.init_args.backbone" not in keys, (
+            path.name
+        )
