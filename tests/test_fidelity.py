@@ -68,11 +68,17 @@ def test_readme_fidelity_on_the_miniature(tmp_path: Path, backbone: Path, capsys
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "runs" / "fidelity.json").read_text())
     rows = report["models"]
-    full_run, linear_run = tmp_path / "runs" / "full" / "version_0", tmp_path / "runs" / "linear" / "version_0"
+    full_run, linear_run = (
+        tmp_path / "runs" / "full" / "version_0",
+        tmp_path / "runs" / "linear" / "version_0",
+    )
     expected = ["best-step8", "last.ckpt"]
     assert [r["step"] for r in rows] == [0, 8, 16, 16]
     assert rows[0]["model"] == "step 0 of runs/full/version_0"
-    assert [Path(r["model"]).name.startswith(e) for r, e in zip(rows[1:3], expected, strict=True)] == [True, True]
+    assert [Path(r["model"]).name.startswith(e) for r, e in zip(rows[1:3], expected, strict=True)] == [
+        True,
+        True,
+    ]
     assert rows[3]["model"] == str((linear_run / "checkpoints" / "last.ckpt").resolve())
     # The full probe is the callback's probe: its accuracies are the runs' own measurements, exactly.
     logged = {
@@ -81,14 +87,19 @@ def test_readme_fidelity_on_the_miniature(tmp_path: Path, backbone: Path, capsys
         for x in (run / "forgetting.jsonl").read_text().splitlines()
     }
     assert [r["full"]["20"] for r in rows] == [
-        logged[(full_run, 0)], logged[(full_run, 8)], logged[(full_run, 16)], logged[(linear_run, 16)]
+        logged[(full_run, 0)],
+        logged[(full_run, 8)],
+        logged[(full_run, 16)],
+        logged[(linear_run, 16)],
     ]
     # The subset: 20 bank images and 10 queries of each of the 5 digits, in 3 draws; its top-1 is the mean.
     assert report["subset"] == {"bank_per_class": 20, "queries_per_class": 10, "draws": 3, "seed": 0,
                                 "seeds": [0, 1, 2]}  # fmt: skip
     assert report["subset_images"] == 5 * 3 * 20 + 5 * 3 * 10 and report["full_images"] == 901
     for r in rows:
-        assert r["subset"]["20"] == pytest.approx(statistics.fmean(d["20"] for d in r["subset_draws"]), abs=1e-12)
+        assert r["subset"]["20"] == pytest.approx(
+            statistics.fmean(d["20"] for d in r["subset_draws"]), abs=1e-12
+        )
         assert r["subset_spread"]["20"] == statistics.stdev(d["20"] for d in r["subset_draws"])
     # By hand from the two probes' accuracies: scipy's rank correlation, the largest differences, the orders.
     full, sub = [r["full"]["20"] for r in rows], [r["subset"]["20"] for r in rows]

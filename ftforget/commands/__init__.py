@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("measure", "k-NN forgetting probe of a pretrained backbone or of any checkpoint"),
     "report": ("report", "paper-style table (Markdown, CSV) and figures from run directories"),
     "sweep": ("sweep", "configs x seeds: fit, test the selected checkpoint, report; resumable; SLURM arrays"),
-    "fidelity": ("fidelity", "full probe against a subset probe on checkpoints: rank correlation, differences"),
+    "fidelity": (
+        "fidelity",
+        "full probe against a subset probe on checkpoints: rank correlation, differences",
+    ),
     "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
 }
 

@@ -120,8 +120,9 @@ class SubsetConfig:
 
     Args:
         bank_per_class: bank images per class and draw (None: the whole bank, in every draw).
-        queries_per_class: queries per class and draw (None: every query, in every draw).
-        draws: how many draws.
+        queries_per_class: queries per class and draw (None: every query, in every draw); with both None
+            the whole probe is measured, once.
+        draws: how many draws (with ``probe_budget``, the draws of the subset it sizes).
         seed: the first draw's seed.
     """
 
@@ -140,11 +141,6 @@ class SubsetConfig:
         self.draws, self.seed = int(self.draws), int(self.seed)
         if self.draws < 1:
             raise ValueError(f"subset.draws must be >= 1, got {self.draws}")
-        if self.draws > 1 and self.bank_per_class is None and self.queries_per_class is None:
-            raise ValueError(
-                f"subset.draws={self.draws} draws the whole probe each time; give subset.bank_per_class "
-                "and/or subset.queries_per_class"
-            )
 
     @property
     def seeds(self) -> list[int]:
@@ -152,8 +148,8 @@ class SubsetConfig:
 
     @property
     def is_full(self) -> bool:
-        """The whole probe, once: no subset at all."""
-        return self.bank_per_class is None and self.queries_per_class is None and self.draws == 1
+        """No subset at all: every draw would be the whole probe, which is measured once."""
+        return self.bank_per_class is None and self.queries_per_class is None
 
     def signature(self) -> str:
         """What identifies the draws in cache keys and logs."""
