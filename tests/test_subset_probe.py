@@ -159,3 +159,25 @@ def test_the_same_seed_gives_the_same_bank_on_one_and_two_processes(tmp_path: Pa
     assert not set(one["draws"][0][1]) & set(one["draws"][1][1])  # seeds 3 and 4: disjoint
     # The union is extracted once over the two processes, each image by one of them.
     assert sorted(two[0]["seen"] + two[1]["seen"]) == one["union"] == sorted(one["seen"])
+
+
+def test_imagenet_subsets_read_labels_without_images_and_cache_only_the_chosen_pixels(tmp_path: Path) -> None:
+    from tests.test_imagenet_probe import make_tree, tiny_probe
+
+    root = make_tree(tmp_path / "tree", n_train=6, n_val=3)
+    probe = tiny_probe(root, pixel_cache_dir=str(tmp_path / "pixels"))
+    full = tiny_probe(root)
+    assert probe.bank_labels() == [label for _, label in probe._bank] == [0] * 6 + [1] * 6 + [2] * 6
+    assert probe.query_labels() == [0] * 3 + [1] * 3 + [2] * 3
+    draws = subset_draws(probe, SubsetConfig(bank_per_class=2, queries_per_class=1, draws=2))
+    assert not (tmp_path / "pixels").exists()  # nothing decoded to draw
+    bank, queries = probe.subset_datasets(draws.bank_union, draws.query_union)
+    assert (len(bank), len(queries)) == (12, 6)
+    for j, i in enumerate(draws.bank_union):  # the chosen images, re-indexed from 0
+        image, label, index = bank[j]
+        ref_image, ref_label, _ = full.bank_dataset()[i]
+        assert (label, index) == (ref_label, j) and torch.allclose(image, ref_image, atol=0.03)
+    assert sum(p.stat().st_size for p in (tmp_path / "pixels").iterdir()) < 20 * 32 * 32 * 3 + 4096
+    # The built-in fixed-seed subsets follow the same rule: consecutive seeds give disjoint banks.
+    a, b = tiny_probe(root, bank_per_class=3, seed=0), tiny_probe(root, bank_per_class=3, seed=1)
+    assert not {p for p, _ in a._bank} & {p for p, _ in b._bank} and len(a._bank) == len(b._bank) == 9

@@ -530,7 +530,8 @@ class ForgettingCallback(L.Callback):
                 logger.experiment.flush()  # measurements are rare and costly: do not lose one to a crash
         rank_zero_info(
             f"forgetting @ step {head['step']}: {self._probe.name} k-NN top-1 {head['top1']:.4f} "  # type: ignore[union-attr]
-            f"(k={head['k']}, {head['seconds']:.1f}s, {head['images_per_s']:.0f} images/s)"
+            f"(k={head['k']}, {head['seconds']:.1f}s, "
+            + (f"{head['images_per_s']:.0f} images/s)" if head["num_images"] else "reused the last result)")
         )
 
 
