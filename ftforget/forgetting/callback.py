@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -421,7 +422,7 @@ class ForgettingCallback(L.Callback):
             return
         step_seconds = (now - then - (self.probe_seconds_total - probe_then)) / max(1, step - first)
         head = [r for r in self.records if r["k"] == self.config.ks[0]]
-        measure = statistics_mean([r["seconds"] for r in head]) if head else 0.0
+        measure = statistics.fmean([r["seconds"] for r in head]) if head else 0.0
         share = measure * self.budget["measurements"] / max(1e-12, step_seconds * self.budget["steps"])
         self.budget |= {"measured_step_seconds": step_seconds, "measured_share": share}
         rank_zero_info(
@@ -533,10 +534,6 @@ class ForgettingCallback(L.Callback):
             f"(k={head['k']}, {head['seconds']:.1f}s, "
             + (f"{head['images_per_s']:.0f} images/s)" if head["num_images"] else "reused the last result)")
         )
-
-
-def statistics_mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _synchronize(device: torch.device) -> None:
