@@ -38,6 +38,7 @@ from tests.forgetting_helpers import (
 RECORD_KEYS = [
     "step", "epoch", "probe", "k", "temperature", "top1", "top5", "drop_abs", "drop_rel",
     "new_task_val_acc1", "num_queries", "num_bank", "seconds", "top1_ci", "drop_abs_ci",
+    "probe_seconds", "num_images", "images_per_s", "elapsed", "probe_seconds_total",
 ]  # fmt: skip
 
 

@@ -164,7 +164,10 @@ def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: 
 
     def table(out: Path) -> list[dict]:
         rows = read_csv(out / "report" / "forgetting_table.csv")
-        return [{k: v for k, v in r.items() if k not in ("run",)} for r in rows]
+        # the probe's share of the wall-clock is a timing: it differs between any two sweeps
+        return [
+            {k: v for k, v in r.items() if k not in ("run", "probe_share", "probe_share_std")} for r in rows
+        ]
 
     assert table(killed) == table(whole)
     assert len(table(whole)) == len(DEMO_METHODS) and all(r["n"] == "2" for r in table(whole))

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "paper-style table (Markdown, CSV) and figures from run directories"),
     "knob": ("knob", "a run's network moved back toward its start, W0 + a (W1 - W0), measured at several a"),
     "sweep": ("sweep", "configs x seeds: fit, test the selected checkpoint, report; resumable; SLURM arrays"),
+    "fidelity": (
+        "fidelity",
+        "full probe against a subset probe on checkpoints: rank correlation, differences",
+    ),
     "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
     "export": ("export", "what a run's method changed relative to its base, as one safetensors file"),
     "attach": ("attach", "put an exported task onto a base backbone (checked by SHA-256), as a checkpoint"),

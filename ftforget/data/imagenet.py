@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -30,14 +31,13 @@ from ftforget.data.image_folders import (
     list_images,
     scan_class_tree,
     scan_flat_val,
-    subset_per_class,
 )
 from ftforget.data.pixel_cache import (
     ToUint8Array,
     build_pixel_cache,
     open_pixel_cache,
 )
-from ftforget.data.probe import IndexedDataset, ProbeData
+from ftforget.data.probe import IndexedDataset, ProbeData, draw_per_class
 from ftforget.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_transform, eval_transform
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ class ImageNetProbe(ProbeData):
         val_labels: labels of a flat ``val_dir`` (``LOC_val_solution.csv`` format); must be None for a tree.
         bank_per_class: bank = this many train images per class (fixed-seed subset); None: all of train.
         queries_per_class: queries = this many val images per class (quick curves); None: all of val.
-        seed: seed of both subsets.
+        seed: seed of both subsets (:func:`~ftforget.data.probe.draw_per_class`: consecutive seeds give
+            disjoint subsets while the classes have enough images). For several draws measured together,
+            with their spread, use the callback's or ``ftforget fidelity``'s ``subset`` option instead.
         resize_size: shorter side after the bicubic resize (None: ``crop_size * 256 / 224``, DINO's ratio).
         crop_size: center crop (None: the input size of the measured model, else 224).
         normalization: ``backbone``: the mean/std of the measured backbone's pretrained config in timm
@@ -198,8 +200,8 @@ class ImageNetProbe(ProbeData):
         self._check_classes(set(train), set(val))
         classes = sorted(train)
         index = {wnid: i for i, wnid in enumerate(classes)}
-        bank = subset_per_class(train, self.bank_per_class, self.seed)
-        queries = subset_per_class(val, self.queries_per_class, self.seed)
+        bank = draw_per_class(train, self.bank_per_class, self.seed, "bank")
+        queries = draw_per_class(val, self.queries_per_class, self.seed, "queries")
         self._bank = [(p, index[w]) for w in classes for p in bank[w]]
         self._queries = [(p, index[w]) for w in classes for p in queries[w]]
         self.classes = classes
@@ -226,6 +228,24 @@ class ImageNetProbe(ProbeData):
     def query_dataset(self) -> Dataset:
         self._require_setup()
         return IndexedDataset(self._images("queries", self._queries))
+
+    def bank_labels(self) -> list[int]:
+        self._require_setup()
+        return [label for _, label in self._bank]
+
+    def query_labels(self) -> list[int]:
+        self._require_setup()
+        return [label for _, label in self._queries]
+
+    def subset_datasets(self, bank: Sequence[int], queries: Sequence[int]) -> tuple[Dataset, Dataset]:
+        """Only the chosen images: with ``pixel_cache_dir``, a pixel cache of the subset alone (its name
+        holds a hash of the positions), not of all 1.33M images."""
+        self._require_setup()
+        parts = []
+        for part, samples, chosen in (("bank", self._bank, bank), ("queries", self._queries, queries)):
+            tag = hashlib.sha256(",".join(map(str, chosen)).encode()).hexdigest()[:16]
+            parts.append(IndexedDataset(self._images(f"{part}-subset-{tag}", [samples[i] for i in chosen])))
+        return parts[0], parts[1]
 
     def _images(self, part: str, samples: list[tuple[str, int]]) -> Dataset:
         if self.pixel_cache_dir is None:

@@ -102,3 +102,55 @@ class KNNConfig:
             "device_type": device.type,
             "batch_size": self.batch_size,  # batch composition can change the last bits of a forward pass
         }
+
+
+@dataclass
+class SubsetConfig:
+    """A subset probe: ``bank_per_class`` bank images and ``queries_per_class`` queries of every class,
+    drawn ``draws`` times (seeds ``seed, seed + 1, ...``) and measured together, the way DINOv2 evaluates
+    few-shot banks.
+
+    Each draw is its own k-NN measurement; the result is their pooled top-1 (every draw's queries
+    together: the mean over the draws, the draws having equal query counts) with the spread over the
+    draws (sample std) beside the bootstrap interval over the pooled queries. The images the draws use
+    are extracted once (their union), then each draw runs its k-NN. Consecutive seeds give disjoint
+    draws as long as a class has ``draws * n`` images, and overlap as little as possible beyond
+    (:func:`~ftforget.data.probe.draw_per_class`); a class with fewer than ``n`` images gives all it has,
+    and a warning names it.
+
+    Args:
+        bank_per_class: bank images per class and draw (None: the whole bank, in every draw).
+        queries_per_class: queries per class and draw (None: every query, in every draw); with both None
+            the whole probe is measured, once.
+        draws: how many draws (with ``probe_budget``, the draws of the subset it sizes).
+        seed: the first draw's seed.
+    """
+
+    bank_per_class: PositiveInt | None = None
+    queries_per_class: PositiveInt | None = None
+    draws: PositiveInt = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("bank_per_class", "queries_per_class"):
+            value = getattr(self, name)
+            if value is not None:
+                if int(value) < 1:
+                    raise ValueError(f"subset.{name} must be >= 1 or None, got {value}")
+                setattr(self, name, int(value))
+        self.draws, self.seed = int(self.draws), int(self.seed)
+        if self.draws < 1:
+            raise ValueError(f"subset.draws must be >= 1, got {self.draws}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.draws))
+
+    @property
+    def is_full(self) -> bool:
+        """No subset at all: every draw would be the whole probe, which is measured once."""
+        return self.bank_per_class is None and self.queries_per_class is None
+
+    def signature(self) -> str:
+        """What identifies the draws in cache keys and logs."""
+        return f"subset:bank={self.bank_per_class}:queries={self.queries_per_class}:seeds={self.seeds}"

@@ -34,6 +34,7 @@ AGGREGATED = (
     "drop_abs",
     "drop_rel",
     "mean",
+    "probe_share",
 )
 #: the steps-to-drop columns, one per threshold of :data:`ftforget.stats.DROP_THRESHOLDS`
 STEPS_TO_DROP = tuple(f"steps_to_drop_{threshold_name(t)}" for t in DROP_THRESHOLDS)
@@ -60,6 +61,10 @@ class Row:
     forgetting callback stored with the last measurement (``top1_ci``, the paired ``drop_abs_ci``): a
     single run's only (None for a seed group, whose spread is the std over seeds, and for runs
     measured before intervals were stored).
+
+    ``probe_share`` is the forgetting measurements' share of the run's wall-clock: the callback's
+    ``probe_seconds_total`` over its ``elapsed`` (the fit's wall-clock, resumed sessions added up), both
+    logged with the last measurement; None for runs that did not log them.
     """
 
     method: str
@@ -103,6 +108,8 @@ class Row:
     steps_to_drop_50: float | None = None
     steps_to_drop_50_std: float | None = None
     steps_to_drop_50_runs: int = 0
+    probe_share: float | None = None
+    probe_share_std: float | None = None
 
 
 def run_labels(runs: list[Run]) -> dict[Path, str]:
@@ -152,6 +159,11 @@ def _measured(run: Run) -> dict[str, Any]:
     head = run.headline_measurements()
     last = next((r for r in head if int(r["step"]) == end_step), {})
     top1_ci, drop_ci = _interval(last.get("top1_ci")), _interval(last.get("drop_abs_ci"))
+    # The measurements' share of the run's wall-clock, both logged by the callback with its last line.
+    probe_total, elapsed = last.get("probe_seconds_total"), last.get("elapsed")
+    probe_share = (
+        probe_total / elapsed if _is_number(probe_total) and _is_number(elapsed) and elapsed > 0 else None
+    )
     return {
         **statistics_,
         "probe_acc_end_ci": top1_ci,
@@ -163,6 +175,7 @@ def _measured(run: Run) -> dict[str, Any]:
         "drop_abs": drop_abs,
         "drop_rel": drop_rel,
         "mean": None if test is None else (test + end) / 2.0,
+        "probe_share": probe_share,
         "end_step": end_step,
         "probe": str(head[0].get("probe", "")) if head else "",
         "k": int(head[0]["k"]) if head else None,
@@ -281,7 +294,8 @@ def to_markdown(rows: list[Row]) -> str:
     """The table in Markdown, accuracies and drops in percent (drop_abs in points).
 
     A seed group's cells show ``mean ± sample std`` and the column ``n`` (the number of seeds) is added
-    when some row has more than one run. ``≈`` marks a parameter count that the event file's float32 may
+    when some row has more than one run; the column ``probe share of wall-clock %`` when some run logged
+    its measurements' cost (``Row.probe_share``). ``≈`` marks a parameter count that the event file's float32 may
     have rounded; :data:`NOT_TESTED` marks a row without a new-task test accuracy.
     """
     end_steps = {row.end_step for row in rows}
@@ -289,9 +303,11 @@ def to_markdown(rows: list[Row]) -> str:
     same_end = len(end_steps) == 1
     end_title = f"probe @{rows[0].end_step}" if same_end else "probe @end"
     with_n = any(row.n > 1 for row in rows)
+    with_share = any(row.probe_share is not None for row in rows)
     header = [
         "method", *(["n"] if with_n else []), "trainable params", "new-task test acc", "probe @0",
         f"probe @{EARLY_STEP}", end_title, "drop (points)", "drop (relative %)", "mean",
+        *(["probe share of wall-clock %"] if with_share else []),
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -306,9 +322,14 @@ def to_markdown(rows: list[Row]) -> str:
             _cell(row, "drop_abs"),
             _cell(row, "drop_rel"),
             _tested_cell(row, "mean"),
+            *([_cell(row, "probe_share")] if with_share else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _interval_cell(row: Row, name: str) -> str:
