@@ -26,6 +26,7 @@ from ftforget.forgetting.collectives import all_ranks_agree, all_reduce_sum
 from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, to_dtype
 from ftforget.forgetting.evaluate import evaluate_probe
 from ftforget.forgetting.features import sharded_loader
+from ftforget.forgetting.prefix import DEFAULT_PREFIX_CACHE_GB, PrefixReuse
 from ftforget.inference import autocast_context, measurement_mode, require_probed
 from ftforget.stats import bootstrap_drop_ci, paired_counts, unpack_hits
 
@@ -50,6 +51,8 @@ class ForgettingCallback(L.Callback):
         reuse_unchanged: when the feature weights are bit-identical to the last measurement's (a linear
             probe's backbone), reuse its k-NN result instead of recomputing it.
         filename: name of the measurement file in the run directory.
+        prefix_cache_gb: GiB of probe tokens kept after a method's frozen blocks (top-k, Block Expansion,
+            linear probe), so later measurements run only the rest (:mod:`ftforget.forgetting.prefix`).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class ForgettingCallback(L.Callback):
         cache_dir: str | None = None,
         reuse_unchanged: bool = True,
         filename: str = "forgetting.jsonl",
+        prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
     ) -> None:
         steps = list(DEFAULT_EVAL_STEPS if eval_at_steps is None else eval_at_steps)
         if any(s < 0 for s in steps):
@@ -77,6 +81,7 @@ class ForgettingCallback(L.Callback):
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.reuse_unchanged = reuse_unchanged
         self.filename = filename
+        self.prefix = PrefixReuse(prefix_cache_gb)
         self._probe: ProbeData | None = None
         self._reuse_key = ""
         self._path: Path | None = None
@@ -198,7 +203,8 @@ class ForgettingCallback(L.Callback):
                 f"ForgettingCallback: no step-0 measurement in this run; drops at step {step} are null"
             )
         start = time.perf_counter()
-        with measurement_mode(pl_module):
+        reuse = self.prefix.active(pl_module, self._probe.cache_key() if self._probe else "")
+        with measurement_mode(pl_module), reuse:
             result = self._knn(pl_module)
             new_acc = self._new_task_accuracy(trainer, pl_module) if self.new_task_val else None
         records = self._records(step, trainer.current_epoch, result, new_acc, time.perf_counter() - start)

@@ -40,3 +40,8 @@ class BlockExpansion(FineTuningModule):
         self.new_block_indices = expand(self.backbone, chosen)
         new_blocks = [self.backbone.blocks[i] for i in self.new_block_indices]
         self.set_trainable([*new_blocks, self.head])
+
+    @property
+    def frozen_prefix_depth(self) -> int:
+        """The original blocks before the first new one never change (:func:`ftforget.inference.frozen_prefix_depth`)."""
+        return min(self.new_block_indices)
