@@ -99,6 +99,21 @@ def test_methods_that_change_their_first_block_never_use_kept_tokens(cls: type, 
     assert reuse.counts == {"filled": 0, "reused": 0, "full": 0} and reuse.used_bytes == 0
 
 
+def test_what_is_kept_is_the_tokens_after_the_prefix_or_the_feature_of_a_frozen_network() -> None:
+    """10 images of the tiny ViT (16 patch tokens + CLS, width 32, float32)."""
+    for cls, kwargs, kept in [(TopKFineTuning, {"k": 1}, 10 * 17 * 32 * 4), (LinearProbing, {}, 10 * 32 * 4)]:
+        model, reuse = tiny(cls, **kwargs), PrefixReuse()
+        with measurement_mode(model), reuse.active(model, "data"):
+            shard_features("bank", images(), model.features, CONFIG, CPU)
+        assert reuse.used_bytes == kept
+    with torch.no_grad():  # the linear probe's feature is keyed by the whole network, the final norm too
+        model.backbone.norm.weight[0] += 1e-3
+    with measurement_mode(model), reuse.active(model, "data"):
+        got, _ = shard_features("bank", images(), model.features, CONFIG, CPU)
+        assert torch.equal(got.features, full(model, images()))
+    assert reuse.counts == {"filled": 2, "reused": 0, "full": 0}
+
+
 def test_a_changed_prefix_is_recomputed_not_reused(caplog) -> None:
     """A wrong declaration (the prefix did change) costs a recomputation, never a stale feature."""
     model, dataset, reuse = tiny(TopKFineTuning, k=1), images(), PrefixReuse()

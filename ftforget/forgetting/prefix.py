@@ -4,7 +4,9 @@ Linear probing, top-k fine-tuning and Block Expansion leave the first ``m`` bloc
 patch and position embeddings) untouched, so the probe images' tokens after block ``m`` are the same at
 every measurement. :class:`PrefixReuse` computes them once, at the first measurement, keeps them in
 memory within a budget (``prefix_cache_gb``), and later measurements run only the rest of the network:
-blocks ``m..``, the final norm and the pooling. For top-3 of ViT-B/16 that is 3 of 12 blocks.
+blocks ``m..``, the final norm and the pooling. For top-3 of ViT-B/16 that is 3 of 12 blocks. Where every
+block is frozen (a linear probe) the feature itself is kept (one vector per image, not the tokens), keyed
+by the whole network's weights.
 
 The features are bit-identical to a full forward pass, because the same operations run on the same
 batches in the same order (timm's ``forward_features`` is ``patch_embed``, ``_pos_embed``, ``patch_drop``,
@@ -76,6 +78,12 @@ def prefix_forward(vit: VisionTransformer, x: torch.Tensor, depth: int) -> torch
     return x
 
 
+def keeps_features(vit: VisionTransformer, depth: int) -> bool:
+    """Whether every block is in the frozen prefix (a linear probe): then the feature itself is kept, not
+    the 197 tokens per image, and the fingerprint covers the whole network (final norm and head too)."""
+    return depth == len(vit.blocks)
+
+
 def rest_forward(vit: VisionTransformer, tokens: torch.Tensor, depth: int) -> torch.Tensor:
     """The feature from the tokens after block ``depth``: the remaining blocks, ``norm``, ``forward_head``."""
     x = tokens
@@ -87,12 +95,14 @@ def rest_forward(vit: VisionTransformer, tokens: torch.Tensor, depth: int) -> to
 def prefix_fingerprint(vit: VisionTransformer, depth: int) -> str:
     """SHA-256 of what the tokens after block ``depth`` depend on besides the images: the weights and
     buffers of the embeddings, ``norm_pre`` and the first ``depth`` blocks (bit-exact), their structure
-    (``repr``) and the token layout flags."""
+    (``repr``) and the token layout flags. With every block in the prefix, of the whole network (what
+    is kept is then the feature itself, :func:`keeps_features`)."""
     digest = hashlib.sha256()
     own = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
     blocks = tuple(f"blocks.{i}." for i in range(depth))
+    whole = keeps_features(vit, depth)
     for name, tensor in sorted(vit.state_dict().items()):
-        if name.startswith(own + blocks):
+        if whole or name.startswith(own + blocks):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -101,7 +111,7 @@ def prefix_fingerprint(vit: VisionTransformer, depth: int) -> str:
         for name in ("num_prefix_tokens", "no_embed_class", "dynamic_img_size", "cls_token", "reg_token")
     ]
     structure = [repr(m) for m in (vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre)]
-    structure += [repr(b) for b in vit.blocks[:depth]]
+    structure += [repr(b) for b in vit.blocks[:depth]] + ([repr(vit), vit.global_pool] if whole else [])
     digest.update(json.dumps([depth, [f is not None if isinstance(f, torch.Tensor) else repr(f) for f in flags],
                               structure]).encode())  # fmt: skip
     return digest.hexdigest()
@@ -271,6 +281,9 @@ class PrefixReuse:
         def outputs() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             for start in range(0, n, step):
                 tokens = entry.tokens[start : start + step].to(device, non_blocking=True)
+                if keeps_features(vit, depth):
+                    yield tokens, entry.labels[start : start + step], entry.indices[start : start + step]
+                    continue
                 with context:
                     out = rest_forward(vit, tokens, depth)
                 yield out, entry.labels[start : start + step], entry.indices[start : start + step]
@@ -298,6 +311,7 @@ class PrefixReuse:
             return None
         autocast_dtype = to_dtype(config.autocast_dtype)
         probed = require_probed(model, "prefix reuse")
+        whole = keeps_features(vit, depth)
         kept: dict[str, torch.Tensor] = {}
 
         def outputs() -> Iterator[tuple[torch.Tensor, Any, Any]]:
@@ -310,9 +324,9 @@ class PrefixReuse:
                     if batch == 0:
                         if not torch.equal(out, probed.features(images)):
                             raise _NotIdentical
-                        self._reserve(kept, slot, part, n, tokens)
+                        self._reserve(kept, slot, part, n, out if whole else tokens)
                 if kept:
-                    kept["tokens"][pos : pos + len(tokens)] = tokens
+                    kept["tokens"][pos : pos + len(tokens)] = out if whole else tokens
                     kept["labels"][pos : pos + len(tokens)] = torch.as_tensor(targets)
                     kept["indices"][pos : pos + len(tokens)] = torch.as_tensor(idx)
                 pos += len(tokens)
