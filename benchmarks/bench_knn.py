@@ -9,7 +9,7 @@ in ``--rounds`` interleaved rounds, the weighted k-NN classification of ``--num_
 * faiss: the top-k of faiss-cpu's exact inner-product index ``IndexFlatIP`` (the index is built before the
   clock starts), voted by ftforget's :func:`predict_from_topk`.
 
-It prints each round's seconds, the median, the ratio ftforget / faiss, and whether the three give the
+It prints each round's seconds with the load average at its end (the machine may be shared), the median, the ratio ftforget / faiss, and whether the three give the
 same top-1 prediction for every query (it exits 1 if they do not). The paper's scale (the default) needs
 about 8 GiB (the bank and faiss's copy of it); a small run::
 
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dino_chunks", type=int, default=100, help="DINO's num_chunks of the queries")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and faiss threads")
     p.add_argument("--no_faiss", action="store_true", help="skip faiss even where it is installed")
+    p.add_argument("--no_dino", action="store_true", help="skip the DINO-style reference (the slowest)")
     return p.parse_args(argv)
 
 
@@ -150,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         preds = predict_from_topk(sims, labels[idx], args.num_classes, [args.k], DEFAULT_TEMPERATURE)
         return preds[args.k][:, 0]
 
-    runs: dict[str, Callable[[], torch.Tensor]] = {
-        "ftforget": run_ftforget,
-        "DINO-style": lambda: dino_knn_top1(
+    runs: dict[str, Callable[[], torch.Tensor]] = {"ftforget": run_ftforget}
+    if not args.no_dino:
+        runs["DINO-style"] = lambda: dino_knn_top1(
             queries, bank, labels, args.num_classes, args.k, args.dino_chunks
-        ),
-    }
+        )
     if search is not None:
         runs["faiss IndexFlatIP"] = run_faiss
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             top1[name] = fn()
             seconds[name].append(time.perf_counter() - start)
-            print(f"round {r + 1}: {name} {seconds[name][-1]:.2f} s", flush=True)
+            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"round {r + 1}: {name} {seconds[name][-1]:.2f} s (load average {load})", flush=True)
 
     print("\n| run | " + " | ".join(f"round {r + 1} s" for r in range(args.rounds)) + " | median s |")
     print("|---|" + "---|" * (args.rounds + 1))

@@ -9,7 +9,10 @@ run the network the same way:
   and ``inference_context()`` (how to run it for inference, e.g. LoRA merged);
 - :func:`measurement_mode`: eval mode, ``no_grad`` and the inference context inside; train flags and
   every random state restored exactly on exit, so a measurement leaves no trace on training;
-- :func:`autocast_context` and :func:`iterate_features`: the extraction loop.
+- :func:`autocast_context` and :func:`iterate_features`: the extraction loop;
+- :func:`frozen_prefix_depth`: how many leading blocks of the feature module a model promises never to
+  change (optional ``frozen_prefix_depth`` attribute), so that the probe may compute their output once
+  (:mod:`ftforget.forgetting.prefix`).
 """
 
 from __future__ import annotations
@@ -68,6 +71,21 @@ class BackboneModel(nn.Module):
 
     def inference_context(self) -> AbstractContextManager:
         return nullcontext()
+
+
+def frozen_prefix_depth(model: object) -> int:
+    """How many leading transformer blocks of ``model.feature_module`` never change during training.
+
+    Optional beside the :class:`ProbedModel` contract: a model declares it as a ``frozen_prefix_depth``
+    attribute or property (an int >= 0), promising that its patch embedding, position embedding, class
+    token and the first ``frozen_prefix_depth`` blocks keep their weights, and that ``features(x)`` is
+    ``feature_module(x)`` in :func:`measurement_mode`. Absent means 0: nothing may be reused. The probe
+    does not take the promise on trust: it also checks the prefix's weights before every reuse.
+    """
+    depth = getattr(model, "frozen_prefix_depth", 0)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"{type(model).__name__}.frozen_prefix_depth must be an int >= 0, got {depth!r}")
+    return depth
 
 
 def require_probed(model: object, what: str) -> ProbedModel:

@@ -66,8 +66,11 @@ def test_two_processes_equal_one_process_and_count_each_sample_once(tmp_path: Pa
 
 def _ddp_fit(root: Path, devices: int) -> list[dict]:
     L.seed_everything(0)
-    callback = ForgettingCallback(
-        eval_at_steps=[1, 3], knn=KNNConfig(k=[5, 1], batch_size=4, num_workers=0), reuse_unchanged=False
+    callback = ForgettingCallback(  # no reuse of any kind: every measurement extracts every sample
+        eval_at_steps=[1, 3],
+        knn=KNNConfig(k=[5, 1], batch_size=4, num_workers=0),
+        reuse_unchanged=False,
+        prefix_cache_gb=0,
     )
     worker_context()
     strategy = DDPStrategy(start_method="forkserver") if devices > 1 else "auto"

@@ -267,3 +267,30 @@ def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
 def test_out_of_range_labels_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"bank labels must lie in \[0, 2\)"):
         knn_predict(torch.randn(2, 4), torch.randn(10, 4), torch.full((10,), 2), 2, ks=[3])
+
+
+def test_the_top_k_update_runs_on_one_thread_and_the_thread_count_comes_back(monkeypatch) -> None:
+    """The update of each block runs with torch's intra-op threads at 1 (no OpenMP barriers to wait on
+    when other jobs share the CPU); the matmul and the caller keep their thread count, also on errors."""
+    import ftforget.forgetting.knn as knn
+
+    seen: list[int] = []
+    real = knn._update_topk
+    monkeypatch.setattr(knn, "_update_topk", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        bank, queries = torch.randn(300, 8, generator=g), torch.randn(7, 8, generator=g)
+        labels = torch.arange(300) % 3
+        expected = knn.knn_predict(queries, bank, labels, 3, ks=[5], bank_chunk=300)
+        seen.clear()
+        got = knn.knn_predict(queries, bank, labels, 3, ks=[5], bank_chunk=64)
+        assert seen == [1] * 5 and torch.get_num_threads() == 2
+        assert torch.equal(got[5], expected[5])
+        monkeypatch.setattr(knn, "_update_topk", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            knn.knn_predict(queries, bank, labels, 3, ks=[5])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -34,6 +34,7 @@ from ftforget.forgetting.collectives import all_ranks_agree, all_reduce_sum, dis
 from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, SubsetConfig, to_dtype
 from ftforget.forgetting.evaluate import evaluate_probe, subset_draws
 from ftforget.forgetting.features import extract_features, sharded_loader
+from ftforget.forgetting.prefix import DEFAULT_PREFIX_CACHE_GB, PrefixReuse
 from ftforget.inference import autocast_context, measurement_mode, require_probed
 from ftforget.stats import bootstrap_drop_ci, paired_counts, unpack_hits
 
@@ -75,6 +76,8 @@ class ForgettingCallback(L.Callback):
             time (e.g. 0.2), chosen at the first measurement from measured per-image costs and logged
             (:func:`choose_subset`); ``subset`` then gives only the shape (the bank : queries ratio and
             the draws), 10 : 1 and one draw by default. None: measure ``subset`` (or the whole probe).
+        prefix_cache_gb: GiB of probe tokens kept after a method's frozen blocks (top-k, Block Expansion,
+            linear probe), so later measurements run only the rest (:mod:`ftforget.forgetting.prefix`).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class ForgettingCallback(L.Callback):
         filename: str = "forgetting.jsonl",
         subset: SubsetConfig | None = None,
         probe_budget: float | None = None,
+        prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
     ) -> None:
         steps = list(DEFAULT_EVAL_STEPS if eval_at_steps is None else eval_at_steps)
         if any(s < 0 for s in steps):
@@ -112,6 +116,7 @@ class ForgettingCallback(L.Callback):
         self.probe_budget = None if probe_budget is None else float(probe_budget)
         self._draws: SubsetDraws | None = None
         self._draws_signature = ""
+        self.prefix = PrefixReuse(prefix_cache_gb)
         self._probe: ProbeData | None = None
         self._reuse_key = ""
         self._path: Path | None = None
@@ -286,7 +291,8 @@ class ForgettingCallback(L.Callback):
         if self.probe_budget is not None and self.chosen_subset is None:
             self._size_subset(trainer, pl_module, batch)
         start = time.perf_counter()
-        with measurement_mode(pl_module):
+        reuse = self.prefix.active(pl_module, self._probe.cache_key() if self._probe else "")
+        with measurement_mode(pl_module), reuse:
             result = self._knn(pl_module)
             new_acc = self._new_task_accuracy(trainer, pl_module) if self.new_task_val else None
         seconds = time.perf_counter() - start

@@ -18,7 +18,8 @@ every block, exactly (see benchmarks/bench_knn.py for the comparison with faiss-
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -150,14 +151,37 @@ def _blockwise_topk(
                     buffer = q.new_empty(query_chunk * min(bank_chunk, n_bank))
                 sims = buffer[: rows.shape[0] * chunk.shape[0]].view(rows.shape[0], chunk.shape[0])
                 torch.mm(rows, chunk.T, out=sims)
-            _update_topk(
-                best_sims[q_start : q_start + query_chunk],
-                best_labels[q_start : q_start + query_chunk],
-                sims,
-                chunk_labels,
-                prune,
-            )
+            with _one_thread() if cpu else nullcontext():
+                _update_topk(
+                    best_sims[q_start : q_start + query_chunk],
+                    best_labels[q_start : q_start + query_chunk],
+                    sims,
+                    chunk_labels,
+                    prune,
+                )
     return best_sims, best_labels
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside (restored after): the top-k update of a block on the CPU.
+
+    The update is a handful of passes over a block (``amax``, a comparison, ``nonzero``, gathers), each
+    an OpenMP region that ends in a barrier. On a CPU shared with other jobs a barrier waits for a
+    descheduled thread while the others spin: with 2 threads and one other busy process the whole
+    search ran 3-4x slower (35-46 s instead of 10.7 s for 2,000 queries x 1.28M rows on 2 cores).
+    Single-threaded, the update has no barrier; the matmul keeps every thread. Measured on 2,000 x
+    262,144: 11% slower on a quiet machine (2.74 s against 2.46 s), up to 3.4x faster on a busy one.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stage_chunk(chunk: torch.Tensor, out: torch.Tensor, normalize_rows: bool) -> torch.Tensor:

@@ -45,3 +45,8 @@ class BlockExpansion(FineTuningModule):
     def pretrained_context(self) -> AbstractContextManager:
         """The network without its new blocks: the pretrained function, with no copy of any weight."""
         return expansion_skipped(self.backbone, self.new_block_indices)
+
+    @property
+    def frozen_prefix_depth(self) -> int:
+        """The original blocks before the first new one never change (:func:`ftforget.inference.frozen_prefix_depth`)."""
+        return min(self.new_block_indices)

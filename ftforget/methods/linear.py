@@ -40,6 +40,11 @@ class LinearProbing(FineTuningModule):
         self.set_trainable([self.head])
         self._training_on_features = False
 
+    @property
+    def frozen_prefix_depth(self) -> int:
+        """Every block is frozen (:func:`ftforget.inference.frozen_prefix_depth`)."""
+        return len(self.backbone.blocks)
+
     def training_logits(self, x: torch.Tensor) -> torch.Tensor:
         # After the handshake in on_fit_start the training batches are features, not images.
         return self.head(x) if self._training_on_features else self(x)

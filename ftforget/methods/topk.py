@@ -28,3 +28,8 @@ class TopKFineTuning(FineTuningModule):
         if train_final_norm:
             modules.append(self.backbone.norm)
         self.set_trainable(modules)
+
+    @property
+    def frozen_prefix_depth(self) -> int:
+        """The blocks below the last ``k`` never change (:func:`ftforget.inference.frozen_prefix_depth`)."""
+        return len(self.backbone.blocks) - self.hparams.k
