@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from ftforget.backbones import build_backbone, input_size
@@ -41,8 +40,8 @@ from ftforget.forgetting.collectives import dist_info
 from ftforget.forgetting.config import KNNConfig, SubsetConfig
 from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe, fidelity_statistics, subset_draws
 from ftforget.inference import BackboneModel, measurement_mode
-from ftforget.methods.registry import load_method, method_class
-from ftforget.runs import CONFIG_FILE, RunError, checkpoints_of, is_run_dir, require_run, resolve_checkpoint
+from ftforget.methods.registry import load_method
+from ftforget.runs import RunError, checkpoints_of, is_run_dir, require_run, resolve_checkpoint
 
 from .measure import _check_output, _setup_distributed
 
@@ -62,7 +61,12 @@ def build_parser() -> ArgumentParser:
                         help="more checkpoints: .ckpt files, or run directories (their last checkpoint)")  # fmt: skip
     parser.add_argument("--backbone", type=str | None, default=None,
                         help="timm name of the step-0 backbone (default: rebuilt from the first run's config.yaml)")  # fmt: skip
-    parser.add_argument("--checkpoint", type=str | None, default=None, help="--backbone's local weights file")
+    parser.add_argument(
+        "--checkpoint",
+        type=str | None,
+        default=None,
+        help="--backbone's local weights file (or, without --backbone, the weights the run started from, if its config's moved)",
+    )
     parser.add_argument("--pretrained", type=bool, default=False, help="download --backbone's timm weights")
     parser.add_argument(
         "--backbone_kwargs", type=dict[str, Any] | None, default=None, help="extra timm.create_model args"
@@ -123,18 +127,9 @@ def step0_model(cfg: Any, run_dir: Path | None) -> tuple[torch.nn.Module, str]:
         raise ValueError(
             "the step-0 model: give --backbone (and --checkpoint), or a run with --run / --ckpt_paths"
         )
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-    model = config.get("model") or {}
-    if "class_path" not in model:
-        raise ValueError(f"{str(run_dir / CONFIG_FILE)!r} names no model class; give --backbone for step 0")
-    init_args = dict(model.get("init_args") or {})
-    if not init_args.get("checkpoint") and not init_args.get("pretrained"):
-        raise ValueError(
-            f"{str(run_dir / CONFIG_FILE)!r} records no pretrained weights (model.init_args.checkpoint); "
-            "give --backbone and --checkpoint for step 0"
-        )
-    torch.manual_seed(0)  # a method's fresh parameters (a LoRA's A) do not change its step-0 features
-    return method_class(model["class_path"])(**init_args).eval(), f"step 0 of {run_dir}"
+    from ftforget.commands.knob import step0_cli  # the same rebuild as ftforget knob's
+
+    return step0_cli(run_dir, cfg.checkpoint).model.eval(), f"step 0 of {run_dir}"
 
 
 def measure_both(

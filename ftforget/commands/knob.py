@@ -64,8 +64,11 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def step0_setup(run_dir: Path, weights: str | None) -> tuple[FineTuningModule, Any, ForgettingCallback]:
-    """The run's model at step 0, its data module and its forgetting callback, from its ``config.yaml``."""
+def step0_cli(run_dir: Path, weights: str | None = None) -> Any:
+    """The run's LightningCLI objects (model, data module, trainer) as ``ftforget fit`` built them before its
+    first step, from the run's ``config.yaml``: the model has the weights the run started from and the
+    seeded initialisation. ``weights`` replaces the config's weights file (it may have moved). Shared by
+    ``ftforget knob`` and ``ftforget fidelity``."""
     from ftforget.cli import run_lightning
 
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
@@ -80,13 +83,18 @@ def step0_setup(run_dir: Path, weights: str | None) -> tuple[FineTuningModule, A
             "--checkpoint" if weights is not None else f"the run's model.init_args.checkpoint ({CONFIG_FILE})"
         )
         raise FileNotFoundError(
-            f"{option}: backbone weights file {source!r} does not exist; the knob needs the weights the run "
-            "started from: give them with --checkpoint FILE"
+            f"{option}: backbone weights file {source!r} does not exist; the step-0 model needs the weights "
+            "the run started from: give them with --checkpoint FILE"
         )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_FILE
         path.write_text(yaml.safe_dump(config))
-        cli = run_lightning(["--config", str(path)], run=False)
+        return run_lightning(["--config", str(path)], run=False)
+
+
+def step0_setup(run_dir: Path, weights: str | None) -> tuple[FineTuningModule, Any, ForgettingCallback]:
+    """The run's model at step 0, its data module and its forgetting callback (:func:`step0_cli`)."""
+    cli = step0_cli(run_dir, weights)
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ForgettingCallback)]
     if not callbacks:
         raise ValueError(f"run {str(run_dir)!r} has no ForgettingCallback in its config: nothing to probe")
