@@ -20,12 +20,12 @@ DEMO = ROOT / "configs" / "demo"
 STEPS = 8
 
 
-def _fit(tmp_path: Path, method: str, backbone: Path) -> Path:
+def _fit(tmp_path: Path, method: str, backbone: Path, *extra: str) -> Path:
     args = [
         "fit", "--config", str(DEMO / f"{method}.yaml"), "--config", str(DEMO / "common.yaml"),
         "--model.init_args.checkpoint", str(backbone), "--trainer.max_steps", str(STEPS),
         "--trainer.check_val_every_n_epoch", "1", f"--trainer.callbacks.eval_at_steps={json.dumps([0, STEPS])}",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *extra,
     ]  # fmt: skip
     assert main(args) == 0
     return tmp_path / "runs" / method / "version_0"
@@ -92,3 +92,15 @@ def _demo_kwargs() -> dict:
     import yaml
 
     return yaml.safe_load((DEMO / "common.yaml").read_text())["model"]["init_args"]["backbone_kwargs"]
+
+
+@pytest.mark.slow
+def test_knob_measures_the_subset_probe_the_run_measured(tmp_path, backbone):
+    subset = {"bank_per_class": 20, "queries_per_class": 10, "draws": 2, "seed": 0}
+    run = _fit(tmp_path, "lora", backbone, f"--trainer.callbacks.subset={json.dumps(subset)}")
+    measured = {r["step"]: r for r in _records(run / "forgetting.jsonl")}
+    assert measured[0]["subset"] == subset and measured[0]["num_queries"] == 2 * 5 * 10
+    assert main(["knob", "--run", str(run), "--alphas", "[1]"]) == 0
+    zero, one = _records(run / KNOB_FILE)
+    assert zero["subset"] == subset and zero["num_queries"] == measured[0]["num_queries"]
+    assert (zero["top1"], one["top1"]) == (measured[0]["top1"], measured[STEPS]["top1"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from jsonargparse import ArgumentParser
 from ftforget.commands.measure import measure
 from ftforget.data.probe import ProbeData
 from ftforget.forgetting import ForgettingCallback
-from ftforget.forgetting.config import KNNConfig, to_dtype
+from ftforget.forgetting.config import KNNConfig, SubsetConfig, to_dtype
 from ftforget.inference import autocast_context, measurement_mode
 from ftforget.methods.base import FineTuningModule
 from ftforget.methods.knob import knob_model
@@ -121,19 +122,21 @@ def knob_points(
     knn: KNNConfig,
     loaders: dict[str, Any],
     device: torch.device,
+    subset: SubsetConfig | None = None,
 ) -> list[dict[str, Any]]:
     """One record per ``a`` (``0`` first, always): probe top-1 of the first k with its interval, the drop
-    from ``a = 0`` with its paired interval, and top-1 on each of ``loaders`` (``new_task_<split>_acc1``)."""
+    from ``a = 0`` with its paired interval, and top-1 on each of ``loaders`` (``new_task_<split>_acc1``); the
+    probe is measured on ``subset``'s draws if given (as the run measured it)."""
     k = knn.ks[0]
     dtype = to_dtype(knn.autocast_dtype)
     records, baseline = [], None
     for a in sorted({0.0, *map(float, alphas)}):
         model = knob_model(end, start, a).to(device)
-        result = measure(model, probe, knn, device)
+        result = measure(model, probe, knn, device, subset=subset)
         hits = result.hits(k)
         record: dict[str, Any] = {
             "alpha": a, "probe": probe.name, "k": k, "top1": result.top1[k], "top1_ci": result.top1_ci[k],
-            "num_queries": result.num_queries,
+            "num_queries": result.num_queries, "subset": None if subset is None else asdict(subset),
         }  # fmt: skip
         if baseline is None:
             baseline = (result.top1[k], hits)
@@ -169,7 +172,8 @@ def main(argv: list[str]) -> int:
     datamodule.setup("fit")
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
-    records = knob_points(end, start, cfg.alphas, probe, callback.config, loaders, device)
+    subset = run_subset(run_dir / callback.filename, callback)
+    records = knob_points(end, start, cfg.alphas, probe, callback.config, loaders, device, subset)
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
     for record in records:
         record.update({"checkpoint": ckpt.name, "requested": which, "step": step})
@@ -181,6 +185,17 @@ def main(argv: list[str]) -> int:
     _print(records, run_dir, ckpt)
     _check_step0(records[0], run_dir / callback.filename)
     return 0
+
+
+def run_subset(measurements: Path, callback: ForgettingCallback) -> SubsetConfig | None:
+    """The subset probe the run measured (its last measurement's, which ``probe_budget`` may have chosen),
+    else its callback's ``subset``; None: the whole probe."""
+    if measurements.is_file():
+        lines = [line for line in measurements.read_text().splitlines() if line.strip()]
+        if lines:
+            subset = json.loads(lines[-1]).get("subset")
+            return SubsetConfig(**subset) if subset else None
+    return callback.current_subset()
 
 
 def _check_step0(zero: dict[str, Any], measurements: Path) -> None:

@@ -36,7 +36,7 @@ from ftforget.data.probe import ProbeData
 from ftforget.files import append_jsonl, atomic_write
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
 from ftforget.forgetting.collectives import dist_info
-from ftforget.forgetting.config import KNNConfig
+from ftforget.forgetting.config import KNNConfig, SubsetConfig
 from ftforget.forgetting.evaluate import ProbeMeasurement, evaluate_probe
 from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods.registry import load_method
@@ -131,9 +131,10 @@ def measure(
     knn: KNNConfig,
     device: torch.device,
     cache: FeatureCache | None = None,
+    subset: SubsetConfig | None = None,
 ) -> ProbeMeasurement:
-    """One measurement of ``model`` (a :class:`~ftforget.inference.ProbedModel`) on ``probe``; every rank
-    calls it, all get the result."""
+    """One measurement of ``model`` (a :class:`~ftforget.inference.ProbedModel`) on ``probe`` (or on its
+    ``subset`` draws); every rank calls it, all get the result."""
     size = input_size(model.feature_module)  # type: ignore[arg-type]
     if size is not None:
         probe.match_input_size(size)
@@ -143,7 +144,9 @@ def measure(
     model.to(device)
     fingerprint = feature_fingerprint(model)
     with measurement_mode(model):
-        return evaluate_probe(model.features, probe, knn, device, fingerprint=fingerprint, cache=cache)  # type: ignore[operator]
+        return evaluate_probe(
+            model.features, probe, knn, device, fingerprint=fingerprint, cache=cache, subset=subset
+        )  # type: ignore[operator]
 
 
 MEASURE_RESULTS = "measure_results.jsonl"
