@@ -104,3 +104,9 @@ def test_knob_measures_the_subset_probe_the_run_measured(tmp_path, backbone):
     zero, one = _records(run / KNOB_FILE)
     assert zero["subset"] == subset and zero["num_queries"] == measured[0]["num_queries"]
     assert (zero["top1"], one["top1"]) == (measured[0]["top1"], measured[STEPS]["top1"])
+    # ftforget measure on the same subset reproduces the run's last measurement too
+    args = [f"--subset.{key}={value}" for key, value in subset.items()]
+    assert main(["measure", "--run", str(run), "--probe", "DigitsProbe", "--knn.k", "20", "--knn.batch_size", "1024",
+                 "--knn.num_workers", "0", *args, "--output", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    (result,) = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert result["top1"] == measured[STEPS]["top1"]

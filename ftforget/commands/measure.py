@@ -68,6 +68,11 @@ def build_parser() -> ArgumentParser:
     )
     parser.set_defaults({"probe": {"class_path": "ftforget.data.imagenet.ImageNetProbe"}})
     parser.add_class_arguments(KNNConfig, "knn", help="k-NN and extraction settings (as the callback's knn)")
+    parser.add_class_arguments(
+        SubsetConfig,
+        "subset",
+        help="a subset probe, drawn as the callback's subset (default: the whole probe)",
+    )
     parser.add_argument("--device", type=str | None, default=None, help="default: the local GPU, else cpu")
     parser.add_argument("--cache_dir", type=str | None, default=None, help="on-disk feature cache")
     parser.add_argument("--output", type=str | None, default=None, help="JSON file for the result")
@@ -189,12 +194,13 @@ def main(argv: list[str]) -> int:
         source = f"backbone:{cfg.backbone}" + (f":{cfg.checkpoint}" if cfg.checkpoint else "")
     device, joined = _setup_distributed(cfg.device)
     cache = FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
-    result = measure(model, init.probe, init.knn, device, cache)
+    subset = None if init.subset.is_full else init.subset
+    result = measure(model, init.probe, init.knn, device, cache, subset)
     report = {
         "source": source, "probe": init.probe.name, "temperature": init.knn.temperature,
         "results": [{"k": k, "top1": result.top1[k], "top5": result.top5[k]} for k in init.knn.ks],
         "num_queries": result.num_queries, "num_bank": result.num_bank, "seconds": result.seconds,
-        "world_size": dist_info()[1],
+        "world_size": dist_info()[1], "subset": None if subset is None else vars(subset),
     }  # fmt: skip
     if dist_info()[0] == 0:
         n = result.num_queries
