@@ -205,8 +205,11 @@ class ImageNetProbe(ProbeData):
         self._bank = [(p, index[w]) for w in classes for p in bank[w]]
         self._queries = [(p, index[w]) for w in classes for p in queries[w]]
         self.classes = classes
+        stats = "the backbone's" if self.normalization == "backbone" else "ImageNet's"
         log.info(f"ImageNet probe: {len(classes)} classes, bank {len(self._bank)} images from {self.train_dir}, "
-                 f"{len(self._queries)} queries from {self.val_dir}")  # fmt: skip
+                 f"{len(self._queries)} queries from {self.val_dir}; resize {self.resize_size}, crop "
+                 f"{self.crop_size}, mean {tuple(round(m, 4) for m in self.mean)} std "
+                 f"{tuple(round(v, 4) for v in self.std)} ({stats}: check they are your weights' own)")  # fmt: skip
 
     def _check_classes(self, train: set[str], val: set[str]) -> None:
         val_source = str(self.val_labels or self.val_dir)
