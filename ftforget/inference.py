@@ -99,6 +99,19 @@ def require_probed(model: object, what: str) -> ProbedModel:
 
 
 @contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no dropout, no drop-path) inside; each one's own train/eval flag restored
+    on exit (a deliberately frozen submodule stays in eval mode)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
 def measurement_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, ``no_grad`` and the model's :meth:`~ProbedModel.inference_context` inside; the exact
     prior state restored on exit.
@@ -111,14 +124,10 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
     cuda_rng = torch.cuda.is_available() and torch.cuda.is_initialized()
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda_states = torch.cuda.get_rng_state_all() if cuda_rng else None
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad(), probed.inference_context():
+        with eval_mode(model), torch.no_grad(), probed.inference_context():
             yield
     finally:
-        for m, flag in flags:
-            m.training = flag
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])

@@ -18,7 +18,6 @@ weights file has moved, give it with ``--checkpoint``.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from dataclasses import asdict
@@ -33,10 +32,12 @@ from ftforget.commands.measure import measure
 from ftforget.data.probe import ProbeData
 from ftforget.forgetting import ForgettingCallback
 from ftforget.forgetting.config import KNNConfig, SubsetConfig, to_dtype
-from ftforget.inference import autocast_context, measurement_mode
+from ftforget.forgetting.evaluate import loader_top1
+from ftforget.inference import measurement_mode
 from ftforget.methods.base import FineTuningModule
 from ftforget.methods.knob import knob_model
 from ftforget.methods.registry import load_method
+from ftforget.report.runs import read_measurements
 from ftforget.runs import (
     CONFIG_FILE,
     KNOB_FILE,
@@ -102,18 +103,6 @@ def step0_setup(run_dir: Path, weights: str | None) -> tuple[FineTuningModule, A
     return cli.model, cli.datamodule, callbacks[0]
 
 
-def new_task_accuracy(model: FineTuningModule, loader: Any, device: torch.device, dtype: Any) -> float:
-    """Top-1 of ``model`` over every batch of ``loader``."""
-    correct = total = 0
-    with measurement_mode(model):
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            with autocast_context(device, dtype):
-                correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    return correct / total
-
-
 def knob_points(
     end: FineTuningModule,
     start: FineTuningModule,
@@ -143,8 +132,9 @@ def knob_points(
         lost, gained, _ = paired_counts(baseline[1], hits)
         record["drop_abs"] = baseline[0] - result.top1[k]
         record["drop_abs_ci"] = list(bootstrap_drop_ci(lost, gained, result.num_queries))
-        for split, loader in loaders.items():
-            record[f"new_task_{split}_acc1"] = new_task_accuracy(model, loader, device, dtype)
+        with measurement_mode(model):
+            for split, loader in loaders.items():
+                record[f"new_task_{split}_acc1"] = loader_top1(model, loader, device, dtype)
         records.append(record)
         del model
     return records
@@ -172,7 +162,8 @@ def main(argv: list[str]) -> int:
     datamodule.setup("fit")
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
-    subset = run_subset(run_dir / callback.filename, callback)
+    measured = read_measurements(run_dir, callback.filename)
+    subset = run_subset(measured, callback)
     records = knob_points(end, start, cfg.alphas, probe, callback.config, loaders, device, subset)
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
     for record in records:
@@ -183,26 +174,21 @@ def main(argv: list[str]) -> int:
     finally:
         release_runs()
     _print(records, run_dir, ckpt)
-    _check_step0(records[0], run_dir / callback.filename)
+    _check_step0(records[0], measured)
     return 0
 
 
-def run_subset(measurements: Path, callback: ForgettingCallback) -> SubsetConfig | None:
+def run_subset(measured: list[dict[str, Any]], callback: ForgettingCallback) -> SubsetConfig | None:
     """The subset probe the run measured (its last measurement's, which ``probe_budget`` may have chosen),
     else its callback's ``subset``; None: the whole probe."""
-    if measurements.is_file():
-        lines = [line for line in measurements.read_text().splitlines() if line.strip()]
-        if lines:
-            subset = json.loads(lines[-1]).get("subset")
-            return SubsetConfig(**subset) if subset else None
+    if measured:
+        subset = measured[-1].get("subset")
+        return SubsetConfig(**subset) if subset else None
     return callback.current_subset()
 
 
-def _check_step0(zero: dict[str, Any], measurements: Path) -> None:
+def _check_step0(zero: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """``a = 0`` is the step-0 model: its probe accuracy must be the one the run measured at step 0."""
-    if not measurements.is_file():
-        return
-    rows = [json.loads(line) for line in measurements.read_text().splitlines() if line.strip()]
     step0 = [
         r for r in rows if r.get("step") == 0 and r.get("k") == zero["k"] and r.get("probe") == zero["probe"]
     ]

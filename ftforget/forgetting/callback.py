@@ -32,10 +32,10 @@ from ftforget.files import atomic_write
 from ftforget.forgetting.cache import FeatureCache, feature_fingerprint
 from ftforget.forgetting.collectives import all_ranks_agree, all_reduce_sum, dist_info
 from ftforget.forgetting.config import DEFAULT_EVAL_STEPS, KNNConfig, SubsetConfig, to_dtype
-from ftforget.forgetting.evaluate import evaluate_probe, subset_draws
-from ftforget.forgetting.features import extract_features, sharded_loader
+from ftforget.forgetting.evaluate import evaluate_probe, loader_top1, subset_draws
+from ftforget.forgetting.features import extract_features
 from ftforget.forgetting.prefix import DEFAULT_PREFIX_CACHE_GB, PrefixReuse
-from ftforget.inference import autocast_context, measurement_mode, require_probed
+from ftforget.inference import measurement_mode, require_probed
 from ftforget.stats import bootstrap_drop_ci, paired_counts, unpack_hits
 
 log = logging.getLogger(__name__)
@@ -446,23 +446,8 @@ class ForgettingCallback(L.Callback):
         loader = trainer.datamodule.val_dataloader()
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
-        device = pl_module.device
-        sharded = sharded_loader(
-            loader.dataset,
-            loader.batch_size or self.config.batch_size,
-            loader.num_workers,
-            device,
-            collate_fn=loader.collate_fn,
-        )
-        correct, total = 0, 0
-        for batch in sharded:
-            x, y = batch[0].to(device), batch[1].to(device)
-            with autocast_context(device, to_dtype(self.config.autocast_dtype)):
-                logits = pl_module(x)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            total += len(y)
-        correct, total = all_reduce_sum([correct, total], device)
-        return correct / total if total else None
+        dtype = to_dtype(self.config.autocast_dtype)
+        return loader_top1(pl_module, loader, pl_module.device, dtype, self.config.batch_size)
 
     def _records(
         self, step: int, epoch: int, result: dict[str, Any], new_acc: float | None, seconds: float

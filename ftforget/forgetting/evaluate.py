@@ -20,11 +20,39 @@ from ftforget.data.probe import ProbeData, SubsetDraws
 from ftforget.forgetting.cache import FeatureCache, cache_key
 from ftforget.forgetting.collectives import all_reduce_sum
 from ftforget.forgetting.config import KNNConfig, SubsetConfig
-from ftforget.forgetting.features import ShardFeatures, shard_features
+from ftforget.forgetting.features import ShardFeatures, shard_features, sharded_loader
 from ftforget.forgetting.knn import check_knn_args, check_labels
 from ftforget.forgetting.sharded_knn import gather_queries, sharded_knn_hits
-from ftforget.inference import FeatureFn
+from ftforget.inference import FeatureFn, autocast_context
 from ftforget.stats import bootstrap_mean_ci, pack_hits, unpack_hits
+
+
+def loader_top1(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = 1,
+) -> float | None:
+    """Top-1 of ``model``'s logits on ``loader``'s dataset (its batch size, else ``batch_size``; its workers
+    and collate function), each sample counted once over the ranks; None if the dataset is empty. Every
+    rank must call it; the caller sets the mode (:func:`ftforget.inference.measurement_mode`)."""
+    sharded = sharded_loader(
+        loader.dataset,
+        loader.batch_size or batch_size,
+        loader.num_workers,
+        device,
+        collate_fn=loader.collate_fn,
+    )
+    correct, total = 0, 0
+    for batch in sharded:
+        x, y = batch[0].to(device), batch[1].to(device)
+        with autocast_context(device, autocast_dtype):
+            logits = model(x)
+        correct += int((logits.argmax(dim=1) == y).sum())
+        total += len(y)
+    correct, total = all_reduce_sum([correct, total], device)
+    return correct / total if total else None
 
 
 @dataclass

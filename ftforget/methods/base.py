@@ -22,12 +22,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim, restored_later
+from ftforget.inference import eval_mode
 from ftforget.methods.regularizers import (
     OPTION,
     Anchors,
     check_weight,
     distillation_loss,
-    eval_mode,
     frozen_copy,
     l2sp_penalty,
     load_head,
@@ -297,12 +297,10 @@ class FineTuningModule(L.LightningModule):
         probe_stage = self.in_probe_stage()
         distill = bool(hp.get("distill_weight")) and not probe_stage
         features = None
-        if probe_stage:
-            with torch.no_grad():  # the backbone's parameters get no gradient: the optimiser skips them
+        if probe_stage or distill:
+            # In the probe stage the backbone's parameters get no gradient: the optimiser skips them.
+            with torch.no_grad() if probe_stage else nullcontext():
                 features = self.features(x)
-            logits = self.head(features)
-        elif distill:
-            features = self.features(x)
             logits = self.head(features)
         else:
             logits = self.training_logits(x)

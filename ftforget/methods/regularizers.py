@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -93,18 +91,6 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode (no dropout, no drop-path) inside; each one's own flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def load_head(source: str, head: nn.Linear) -> str:

@@ -10,6 +10,7 @@ stability-plasticity plane: the rows' own points and all knob points.
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -134,8 +135,6 @@ def write_knob_csv(curves: dict[str, list[KnobPoint]], path: Path) -> None:
     names = [f.name for f in fields(KnobPoint)]
 
     def write(f) -> None:
-        import io
-
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=names, lineterminator="\n")
         writer.writeheader()

@@ -200,13 +200,14 @@ def _event_file_order(path: Path) -> tuple[int, str]:
     return int(stamp), path.name
 
 
-def read_measurements(run_dir: Path) -> list[dict[str, Any]]:
-    """The lines of the run's ``forgetting.jsonl`` (none when the file is absent).
+def read_measurements(run_dir: Path, filename: str = MEASUREMENT_FILE) -> list[dict[str, Any]]:
+    """The lines of the run's ``forgetting.jsonl`` (or the callback's ``filename``; none when the file is
+    absent).
 
     Raises:
         ReportError: a line is not JSON or lacks ``step``, ``k`` or ``top1``.
     """
-    file = run_dir / MEASUREMENT_FILE
+    file = run_dir / filename
     if not file.is_file():
         return []
     records = []
