@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,14 +40,19 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2
 
 
-def state_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and raw bytes), bit-exact."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+def hash_tensors(digest: Any, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feeds each ``(name, tensor)`` into ``digest``: name, dtype, shape and raw bytes, bit-exact."""
+    for name, tensor in named:
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # Viewing as bytes hashes bf16 (no NumPy dtype) and -0.0 vs 0.0 exactly as stored.
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and raw bytes), bit-exact."""
+    digest = hashlib.sha256()
+    hash_tensors(digest, sorted(module.state_dict().items()))
     return digest.hexdigest()
 
 

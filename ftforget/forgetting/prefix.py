@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ftforget.data.probe import IndexedDataset
+from ftforget.forgetting.cache import hash_tensors
 from ftforget.forgetting.collectives import dist_info, shard_range
 from ftforget.forgetting.config import KNNConfig, to_dtype
 from ftforget.forgetting.features import ShardFeatures, collect_features, shard_extractor, sharded_loader
@@ -101,11 +102,8 @@ def prefix_fingerprint(vit: VisionTransformer, depth: int) -> str:
     own = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
     blocks = tuple(f"blocks.{i}." for i in range(depth))
     whole = keeps_features(vit, depth)
-    for name, tensor in sorted(vit.state_dict().items()):
-        if whole or name.startswith(own + blocks):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    state = sorted(vit.state_dict().items())
+    hash_tensors(digest, ((name, t) for name, t in state if whole or name.startswith(own + blocks)))
     flags = [
         getattr(vit, name, None)
         for name in ("num_prefix_tokens", "no_embed_class", "dynamic_img_size", "cls_token", "reg_token")
