@@ -43,7 +43,7 @@ from ftforget.inference import BackboneModel, measurement_mode
 from ftforget.methods.registry import load_method
 from ftforget.runs import RunError, checkpoints_of, is_run_dir, require_run, resolve_checkpoint
 
-from .measure import _check_output, _setup_distributed
+from .measure import _check_output, _setup_distributed, add_probe_options
 
 
 def build_parser() -> ArgumentParser:
@@ -74,17 +74,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--step0", type=bool, default=True, help="measure the step-0 model (the drops' reference)"
     )
-    parser.add_subclass_arguments(
-        ProbeData, "probe", required=True, help="the full probe: ImageNetProbe (default), DigitsProbe, ..."
+    add_probe_options(
+        parser,
+        probe_help="the full probe: ImageNetProbe (default), DigitsProbe, ...",
+        subset_help="the subset probe to validate (as the callback's subset)",
     )
-    parser.set_defaults({"probe": {"class_path": "ftforget.data.imagenet.ImageNetProbe"}})
-    parser.add_class_arguments(KNNConfig, "knn", help="k-NN and extraction settings (as the callback's knn)")
-    parser.add_class_arguments(
-        SubsetConfig, "subset", help="the subset probe to validate (as the callback's subset)"
-    )
-    parser.add_argument("--device", type=str | None, default=None, help="default: the local GPU, else cpu")
-    parser.add_argument("--cache_dir", type=str | None, default=None, help="on-disk feature cache")
-    parser.add_argument("--output", type=str | None, default=None, help="JSON file for the result")
     return parser
 
 

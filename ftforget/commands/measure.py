@@ -63,20 +63,25 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--backbone_kwargs", type=dict[str, Any] | None, default=None, help="extra timm.create_model args"
     )
-    parser.add_subclass_arguments(
-        ProbeData, "probe", required=True, help="the probe: ImageNetProbe (default), DigitsProbe, ..."
+    add_probe_options(
+        parser,
+        probe_help="the probe: ImageNetProbe (default), DigitsProbe, ...",
+        subset_help="a subset probe, drawn as the callback's subset (default: the whole probe)",
     )
+    return parser
+
+
+def add_probe_options(parser: ArgumentParser, probe_help: str, subset_help: str) -> None:
+    """The options of a probe measurement, as the callback's (shared by ``measure`` and ``fidelity``):
+    ``--probe`` (any :class:`~ftforget.data.probe.ProbeData`, ImageNet's by default), ``--knn``, ``--subset``,
+    ``--device``, ``--cache_dir`` and ``--output``."""
+    parser.add_subclass_arguments(ProbeData, "probe", required=True, help=probe_help)
     parser.set_defaults({"probe": {"class_path": "ftforget.data.imagenet.ImageNetProbe"}})
     parser.add_class_arguments(KNNConfig, "knn", help="k-NN and extraction settings (as the callback's knn)")
-    parser.add_class_arguments(
-        SubsetConfig,
-        "subset",
-        help="a subset probe, drawn as the callback's subset (default: the whole probe)",
-    )
+    parser.add_class_arguments(SubsetConfig, "subset", help=subset_help)
     parser.add_argument("--device", type=str | None, default=None, help="default: the local GPU, else cpu")
     parser.add_argument("--cache_dir", type=str | None, default=None, help="on-disk feature cache")
     parser.add_argument("--output", type=str | None, default=None, help="JSON file for the result")
-    return parser
 
 
 def _check_sources(cfg: Namespace) -> Path | None:
