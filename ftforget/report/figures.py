@@ -151,15 +151,13 @@ def plot_stability_plasticity(
     everything: list[tuple[float, float]] = []
     for i, row in enumerate(rows):
         style = _style(i)
-        for points in [(knob or {}).get(row.method, [])]:
-            curve = [(100.0 * p.probe_top1, 100.0 * p.new_task_test_acc1, p.alpha)
-                     for p in points if p.new_task_test_acc1 is not None]  # fmt: skip
-            if not curve:
-                continue
-            xs, ys, _ = zip(*curve, strict=True)
+        curve = [(100.0 * p.probe_top1, 100.0 * p.new_task_test_acc1)
+                 for p in (knob or {}).get(row.method, []) if p.new_task_test_acc1 is not None]  # fmt: skip
+        if curve:
+            xs, ys = zip(*curve, strict=True)
             ax.plot(xs, ys, color=style["color"], marker=style["marker"], markersize=3.5, linewidth=1.0,
                     alpha=0.75, zorder=2)  # fmt: skip
-            everything += list(zip(xs, ys, strict=True))
+            everything += curve
             if row.new_task_test_acc1 is None:  # its knob is drawn: name it
                 handles.append(Line2D([], [], linestyle="none", markersize=7, label=row.method, **style))
         if row.new_task_test_acc1 is None:
@@ -168,7 +166,6 @@ def plot_stability_plasticity(
         everything.append((x, y))
         xerr = None if row.probe_acc_end_std is None else 100.0 * row.probe_acc_end_std
         yerr = None if row.new_task_test_acc1_std is None else 100.0 * row.new_task_test_acc1_std
-        style = _style(i)
         ax.errorbar(
             [x], [y], xerr=xerr, yerr=yerr, linestyle="none", markersize=7, capsize=3, elinewidth=1, **style
         )
