@@ -48,6 +48,7 @@ from ftforget.runs import (
     release_runs,
     resolve_checkpoint,
 )
+from ftforget.slurm import with_cluster_environment
 
 
 class FTForgetCLI(LightningCLI):
@@ -177,6 +178,10 @@ class FTForgetCLI(LightningCLI):
                     f"{run_dir}, or give the new run another --trainer.logger.init_args.version"
                 )
         lock_run(run_dir)
+        # Lightning's fallback directory, where under SLURM a fit without ckpt_path would load the newest
+        # hpc_ckpt_<n>.ckpt it finds: the run's own directory, never a working directory shared with other
+        # runs (Trainer(default_root_dir=...) comes before the logger that names the run, hence here).
+        self.trainer._default_root_dir = str(run_dir)
 
     def before_fit(self) -> None:
         self._preflight("fit")
@@ -222,7 +227,10 @@ class FTForgetCLI(LightningCLI):
             [*with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
              NonFiniteLossGuard()],
         )  # fmt: skip
-        kwargs.setdefault("plugins", with_atomic_checkpoint_io(trainer.get("plugins")))
+        # Inside a SLURM job: Lightning's SLURM environment without its own requeue (ftforget.slurm's instead)
+        kwargs.setdefault(
+            "plugins", with_cluster_environment(with_atomic_checkpoint_io(trainer.get("plugins")))
+        )
         if self.subcommand == "fit" and trainer.get("max_steps") == 0:
             raise ValueError("--trainer.max_steps 0: a fit of 0 optimizer steps trains nothing (give >= 1)")
         return super().instantiate_trainer(**kwargs)

@@ -43,8 +43,10 @@ ALLOWED: dict[str, set[str]] = {
         "progress",
         "resources",
         "runs",
+        "slurm",
     },
-    "sweep": {"resources", "runs"},
+    "slurm": set(),  # the job array script; a fit's behaviour inside a SLURM job
+    "sweep": {"resources", "runs", "slurm"},
     # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
     "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
     "demo": {
@@ -75,6 +77,7 @@ ALLOWED: dict[str, set[str]] = {
         "report",
         "resources",
         "runs",
+        "slurm",
         "stats",
         "sweep",
         "tasks",
