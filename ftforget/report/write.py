@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftforget.report.figures import save_figures
-from ftforget.report.groups import group_runs
+from ftforget.report.groups import different_bases, group_runs
 from ftforget.report.knob import KNOB_CSV, KnobPoint, knob_curves, knob_markdown, write_knob_csv
 from ftforget.report.routing import routing_section
 from ftforget.report.runs import Run, load_runs
@@ -79,6 +79,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     else:
         knob_csv.unlink(missing_ok=True)  # no stale points from an earlier report
     figures, notes = save_figures(measured, rows, out, knob)
+    notes = [*different_bases(group_runs(measured)), *notes]
     table = to_markdown(rows)
     statistics = statistics_markdown(rows)
     knob_table = knob_markdown(knob) if knob else ""
