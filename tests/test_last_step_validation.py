@@ -84,3 +84,12 @@ def test_the_added_validation_changes_no_training(tmp_path: Path, backbone: Path
     continued = [load_run(r).scalars["train/loss"] for r in (validated, unvalidated)]
     assert sorted(continued[0]) == list(range(STEPS + 2)) and continued[0] == continued[1]
     assert sorted(load_run(validated).scalars["val/acc1"]) == [STEPS, STEPS + 2]
+
+
+@pytest.mark.slow
+def test_a_fit_by_epochs_validates_at_the_end_of_its_last_epoch(tmp_path: Path, backbone: Path) -> None:
+    run = demo_fit(
+        tmp_path, backbone, "linear", "epochs", "--trainer.max_steps", "-1", "--trainer.max_epochs", "3"
+    )
+    # 3 epochs of 8 steps, below the validation interval of 5 epochs: one validation, at the end
+    assert sorted(load_run(run).scalars["val/acc1"]) == [3 * 8]
