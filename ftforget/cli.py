@@ -49,6 +49,7 @@ from ftforget.runs import (
     resolve_checkpoint,
 )
 from ftforget.slurm import with_cluster_environment
+from ftforget.validation import LastStepValidation
 
 
 class FTForgetCLI(LightningCLI):
@@ -220,12 +221,13 @@ class FTForgetCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's, with ftforget's step-counting bar where Lightning would add its default bar, the
-        non-finite loss guard, and atomic checkpoint writes unless a CheckpointIO plugin is configured."""
+        non-finite loss guard, a validation at the last training step (:mod:`ftforget.validation`), and atomic
+        checkpoint writes unless a CheckpointIO plugin is configured."""
         trainer = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault(
             "callbacks",
             [*with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
-             NonFiniteLossGuard()],
+             NonFiniteLossGuard(), LastStepValidation()],
         )  # fmt: skip
         # Inside a SLURM job: Lightning's SLURM environment without its own requeue (ftforget.slurm's instead)
         kwargs.setdefault(

@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "methods": {"adapters", "backbones", "inference", "runs"},
     "forgetting": {"backbones", "files", "guards", "inference", "data.probe", "machine", "progress", "stats"},
     "report": {"files", "methods", "runs", "stats"},
+    "validation": {"methods"},  # the validation at a fit's last step; the methods' random-state helpers
     "cli": {
         "backbones",
         "config_files",
@@ -44,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "resources",
         "runs",
         "slurm",
+        "validation",
     },
     "slurm": set(),  # the job array script; a fit's behaviour inside a SLURM job
     "sweep": {"resources", "runs", "slurm"},
