@@ -22,7 +22,7 @@ from ftforget.report.tensorboard import (
     SUMMARY_SUFFIX,
     write_run_summaries,
 )
-from ftforget.runs import append_test_result
+from ftforget.runs import append_test_result, write_knob_points
 from tests.test_report import FULL, LORA, PARAMS, TEST_ACC, write_run
 
 
@@ -151,4 +151,20 @@ def test_markdown_to_html_renders_what_the_report_writes() -> None:
         '<h4>Knob</h4>\n<table>\n<thead><tr><th scope="col">a</th><th scope="col">b</th></tr></thead>\n'
         "<tbody>\n<tr><td>1</td><td><code>x</code> &lt;y&gt;</td></tr>\n</tbody>\n</table>\n\n"
         "<p>text <em>z</em></p>\n<p>next</p>\n"
+    )
+
+
+def card_of(run_dir: Path) -> str:
+    return read_summary(run_dir).Tensors("ftforget/run/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_the_card_shows_the_knob_once_measured(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "runs", "full", FULL)
+    write_run_summaries(run_dir)
+    assert "Stability-plasticity knob" not in card_of(run_dir)
+    points = [{"alpha": a, "top1": t, "new_task_test_acc1": 0.5} for a, t in ((0.0, 0.98), (1.0, 0.77))]
+    write_knob_points(run_dir, points)
+    write_run_summaries(run_dir)  # as ftforget knob does
+    assert card_of(run_dir).endswith(
+        "| a | new-task test | probe top-1 |\n|---|---|---|\n| 0.0 | 50.00 | 98.00 |\n| 1.0 | 50.00 | 77.00 |\n"
     )

@@ -5,7 +5,8 @@ TensorBoard listens on 127.0.0.1 only, on a free port, and is stopped at the end
 other host. The values are checked on TensorBoard's own JSON data endpoints (what its pages draw) against
 the report's CSV; the pages are loaded and photographed (into the test's tmp dir, and into
 ``$FTFORGET_SCREENSHOTS`` when set: ``FTFORGET_SCREENSHOTS=docs python -m pytest
-tests/test_tensorboard_browser.py`` refreshes the README's screenshots).
+tests/test_tensorboard_browser.py`` with ``FTFORGET_BROWSER_DEMO`` naming a full demo's output
+refreshes the README's screenshots).
 """
 
 from __future__ import annotations
@@ -52,12 +53,33 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short demo (full fine-tuning and LoRA, fitted, tested, knob measured) and its HTML report."""
-    out = tmp_path_factory.mktemp("tb") / "demo"
-    argv = ["--output", str(out), "--steps", str(STEPS), "--pretrain-steps", "50", "--methods", "full,lora"]
-    assert ftforget_main(["demo", *argv]) == 0
+    """A short demo (full fine-tuning and LoRA, fitted, tested, knob measured) and its HTML report; or the
+    demo output directory ``$FTFORGET_BROWSER_DEMO`` (e.g. a full ``ftforget demo``, for the README's
+    screenshots), whose report is rewritten with its page."""
+    given = os.environ.get("FTFORGET_BROWSER_DEMO")
+    if given:
+        out = Path(given)
+    else:
+        out = tmp_path_factory.mktemp("tb") / "demo"
+        argv = [
+            "--output",
+            str(out),
+            "--steps",
+            str(STEPS),
+            "--pretrain-steps",
+            "50",
+            "--methods",
+            "full,lora",
+        ]
+        assert ftforget_main(["demo", *argv]) == 0
     assert ftforget_main(["report", str(out), "--output", str(out / "report"), "--html"]) == 0
     return out
+
+
+def run_names(demo: Path) -> list[str]:
+    """The TensorBoard run names of the demo's runs (``full/seed0``, ...), as in the report's CSV."""
+    rows = read_csv(demo / "report" / "forgetting_table.csv")
+    return sorted(f"{Path(r['run']).parent.name}/{Path(r['run']).name}" for r in rows)
 
 
 def get(base: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -77,12 +99,12 @@ def tensorboard(demo: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://{HOST}:{port}"
-    runs = {"full/seed0", "lora/seed0", "report"}
+    runs = {*run_names(demo), "report"}
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                if runs <= set(get(base, "/data/runs")) and len(hparams_groups(base)) == 2:
+                if runs <= set(get(base, "/data/runs")) and len(hparams_groups(base)) == len(runs) - 1:
                     break
             except OSError:
                 pass
@@ -118,7 +140,7 @@ def f32(text: str) -> float:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    chromium = Chromium(tmp_path_factory.mktemp("profile"), size=(1600, 900))
+    chromium = Chromium(tmp_path_factory.mktemp("profile"), size=(1800, 1000))
     try:
         yield chromium
     finally:
@@ -140,7 +162,7 @@ def local_only(urls: list[str], scheme: str) -> list[str]:
 def test_hparams_served_equal_the_report_table(demo: Path, tensorboard: str) -> None:
     rows = {Path(r["run"]): r for r in read_csv(demo / "report" / "forgetting_table.csv")}
     groups = {g["sessions"][0]["name"]: g for g in hparams_groups(tensorboard)}
-    assert sorted(groups) == ["full/seed0", "lora/seed0"]
+    assert sorted(groups) == run_names(demo)
     for run_dir, row in rows.items():
         name = f"{run_dir.parent.name}/{run_dir.name}"
         group = groups[name]
@@ -154,7 +176,7 @@ def test_hparams_served_equal_the_report_table(demo: Path, tensorboard: str) -> 
         assert len(expected) >= 6  # test, probe end, drops, AUC, probe share at least
         # the new-task val top-1: the run's last one, as TensorBoard serves that series
         series = get(tensorboard, f"/data/plugin/scalars/scalars?run={name}&tag=forgetting/new_task_val_acc1")
-        assert served["final/new_task_val_acc1"] == series[-1][2] and series[-1][1] == STEPS
+        assert served["final/new_task_val_acc1"] == series[-1][2] and series[-1][1] == int(row["end_step"])
 
 
 def test_custom_scalars_layout_names_every_runs_tags(demo: Path, tensorboard: str) -> None:
@@ -162,7 +184,7 @@ def test_custom_scalars_layout_names_every_runs_tags(demo: Path, tensorboard: st
     charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
     trade_off = charts["probe k-NN top-1 (old task) and new-task val top-1"]
     tags = get(tensorboard, "/data/plugin/scalars/tags")
-    for run in ("full/seed0", "lora/seed0"):
+    for run in run_names(demo):
         for wanted in ("forgetting/knn_top1", "forgetting/new_task_val_acc1"):
             assert wanted in tags[run]
             assert any(re.fullmatch(pattern, wanted) for pattern in trade_off), (run, wanted)
@@ -208,6 +230,6 @@ def test_html_report_opens_offline_and_shows_the_markdown_table(
     order = "Array.from(document.querySelector('table').tBodies[0].rows).map(r => r.cells[{}].textContent)"
     browser.evaluate(f"document.querySelector('table').tHead.rows[0].cells[{column}].click()")
     ascending = browser.evaluate(order.format(column))
-    assert ascending == sorted(ascending, key=float) and len(ascending) == 2
+    assert ascending == sorted(ascending, key=float) and len(ascending) == len(run_names(demo))
     browser.evaluate(f"document.querySelector('table').tHead.rows[0].cells[{column}].click()")
     assert browser.evaluate(order.format(column)) == ascending[::-1]
