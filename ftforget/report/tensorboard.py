@@ -30,7 +30,7 @@ from typing import Any
 from ftforget.files import atomic_write
 from ftforget.report.groups import method_label, run_seed
 from ftforget.report.runs import EVENT_GLOB, PROBE_TAG, REPORT_EVENTS_SUFFIX, ReportError, Run, load_run
-from ftforget.report.table import Row, summarize, to_markdown
+from ftforget.report.table import Row, summarize, to_markdown, trainable_params
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,6 @@ def run_summaries(run: Run) -> list[tuple[Any, int]]:
     session (step 0), the layout and the card, and the final metrics at the run's last probe step."""
     from tensorboard.plugins.hparams import summary_v2 as hp
     from torch.utils.tensorboard.summary import custom_scalars, scalar, text
-
-    from ftforget.report.table import trainable_params
 
     try:
         row: Row | None = summarize(run)
