@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from ftforget.commands import main as cli_main
@@ -75,6 +76,19 @@ def test_run_summary_holds_the_report_row(tmp_path: Path) -> None:
     )
     assert [m.name.tag for m in experiment.metric_infos] == list(FINAL_METRICS)
     assert [h.display_name for h in experiment.hparam_infos] == list(HPARAMS)
+    types = {h.display_name: api_pb2.DataType.Name(h.type) for h in experiment.hparam_infos}
+    assert {k for k, v in types.items() if v == "DATA_TYPE_FLOAT64"} == {
+        "lr",
+        "seed",
+        "trainable_params",
+        "max_steps",
+    }
+    assert {k for k, v in types.items() if v == "DATA_TYPE_STRING"} == set(HPARAMS) - {
+        "lr",
+        "seed",
+        "trainable_params",
+        "max_steps",
+    }
 
 
 def test_layout_names_the_run_tags_and_the_card_its_numbers(tmp_path: Path) -> None:

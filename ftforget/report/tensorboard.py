@@ -234,6 +234,27 @@ def write_event_file(folder: Path, suffix: str, summaries: list[tuple[Any, int]]
     return path
 
 
+def _typed_domain(dtype: type) -> Any:
+    """A TensorBoard hparam domain that fixes only the type of the values (``str`` or ``float``), so that
+    the HParams filters and the parallel-coordinates axes fit every run (a listed domain would be one
+    run's values: TensorBoard takes the columns from one run's summary)."""
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import summary_v2 as hp
+
+    class Typed(hp.Domain):
+        @property
+        def dtype(self) -> type:
+            return dtype
+
+        def sample_uniform(self, rng: Any = None) -> Any:
+            raise NotImplementedError("a typed domain has no values to sample")
+
+        def update_hparam_info(self, hparam_info: Any) -> None:
+            hparam_info.type = api_pb2.DATA_TYPE_FLOAT64 if dtype is float else api_pb2.DATA_TYPE_STRING
+
+    return Typed()
+
+
 def run_summaries(run: Run) -> list[tuple[Any, int]]:
     """The summaries of one run's summary event file, each with its step: the HParams experiment and
     session (step 0), the layout and the card, and the final metrics at the run's last probe step."""
@@ -248,8 +269,9 @@ def run_summaries(run: Run) -> list[tuple[Any, int]]:
     end = row.end_step if row is not None else (run.last("val/acc1") or (0, 0.0))[0]
     # TensorBoard orders the columns by name and ticks the first five: the names carry the order.
     names = {key: f"{i:02d} {key}" for i, key in enumerate(HPARAMS, start=1)}
+    typed = {key: _typed_domain(float if isinstance(settings[key], float) else str) for key in HPARAMS}
     experiment = hp.hparams_config_pb(
-        hparams=[hp.HParam(names[key], display_name=key) for key in HPARAMS],
+        hparams=[hp.HParam(names[key], typed[key], display_name=key) for key in HPARAMS],
         metrics=[hp.Metric(tag, display_name=tag.removeprefix("final/")) for tag in FINAL_METRICS],
     )
     values = {hp.HParam(names[key], display_name=key): settings[key] for key in HPARAMS}
