@@ -150,26 +150,22 @@ def final_metrics(run: Run, row: Row | None) -> dict[str, float]:
     return values
 
 
-def layout(run: Run) -> dict[str, dict[str, tuple[str, list[str]]]]:
-    """The custom-scalars layout (``category -> chart -> ("Multiline", tag regexes)``) of one run.
+def layout() -> dict[str, dict[str, tuple[str, list[str]]]]:
+    """The custom-scalars layout (``category -> chart -> ("Multiline", tag regexes)``) every run writes.
 
-    Every run writes the same categories and charts when it logs the same tags, and TensorBoard merges
-    equal charts across runs, so the layout shows one chart per quantity with every run in it (the run
-    selector picks the runs, e.g. one method family).
+    It is the same for every run, so TensorBoard, which merges equal charts across runs, shows one chart
+    per quantity with every run in it (the run selector picks the runs, e.g. one method family). Its
+    regexes match any run's tags: the probe's :data:`~ftforget.report.runs.PROBE_TAG`, the new-task val
+    top-1 (:data:`NEW_TASK_TAGS`), every ``train/loss*`` term and every ``lr-*`` optimiser group.
     """
-    tags = set(run.scalars)
-    exact = lambda names: [f"^{re.escape(t).replace(chr(92) + '-', '-')}$" for t in names]  # noqa: E731
-    probe = sorted(t for t in tags if t == PROBE_TAG) or [PROBE_TAG]
-    new_task = [t for t in NEW_TASK_TAGS if t in tags] or ["val/acc1"]
-    losses = sorted(t for t in tags if t.startswith("train/loss")) or ["train/loss"]
-    lrs = sorted(t for t in tags if t.startswith("lr-")) or ["lr-SGD"]
+    exact = [f"^{re.escape(tag)}$" for tag in (PROBE_TAG, *NEW_TASK_TAGS)]
     return {
         "stability-plasticity": {
-            "probe k-NN top-1 (old task) and new-task val top-1": ("Multiline", exact(probe + new_task)),
+            "probe k-NN top-1 (old task) and new-task val top-1": ("Multiline", exact),
         },
         "training": {
-            "loss terms": ("Multiline", exact(losses)),
-            "learning rate": ("Multiline", exact(lrs)),
+            "loss terms": ("Multiline", ["^train/loss"]),
+            "learning rate": ("Multiline", ["^lr-"]),
         },
     }
 
@@ -277,7 +273,7 @@ def run_summaries(run: Run) -> list[tuple[Any, int]]:
     values = {hp.HParam(names[key], display_name=key): settings[key] for key in HPARAMS}
     session = hp.hparams_pb(values, trial_id=trial_id(run.path))
     summaries: list[tuple[Any, int]] = [(experiment, 0), (session, 0)]
-    summaries.append((custom_scalars(layout(run)), 0))
+    summaries.append((custom_scalars(layout()), 0))
     summaries.append((text("ftforget/run", run_card(run, row, settings)), end))
     summaries += [(scalar(tag, value), end) for tag, value in final_metrics(run, row).items()]
     return summaries
