@@ -84,8 +84,12 @@ class Chromium:
         self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Network", "Runtime"):
             self.page(f"{domain}.enable")
+        self.resize(*size)
+
+    def resize(self, width: int, height: int) -> None:
+        """Sets the page's viewport to ``width`` x ``height`` CSS pixels (one device pixel each)."""
         self.page("Emulation.setDeviceMetricsOverride",
-                  {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
 
     def _read(self, timeout: float) -> dict[str, Any]:
         import select

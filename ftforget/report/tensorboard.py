@@ -41,24 +41,25 @@ REPORT_SUFFIX = REPORT_EVENTS_SUFFIX
 #: the HParams metric tags, each the value of one column of the run's report row (``Row`` attribute);
 #: ``final/new_task_val_acc1`` is the run's last logged new-task val top-1 (:func:`last_new_task_val`;
 #: the table has no val column)
+#: (in this order: TensorBoard ticks the first five columns)
 FINAL_METRICS: dict[str, str] = {
-    "final/new_task_val_acc1": "val/acc1",
     "final/new_task_test_acc1": "new_task_test_acc1",
     "final/probe_acc_end": "probe_acc_end",
     "final/drop_abs": "drop_abs",
-    "final/drop_rel": "drop_rel",
     "final/auc_norm": "auc_norm",
     "final/steps_to_drop_10": "steps_to_drop_10",
+    "final/new_task_val_acc1": "val/acc1",
+    "final/drop_rel": "drop_rel",
     "final/probe_share": "probe_share",
 }
 #: the HParams columns in their order, the same in every run (TensorBoard takes the columns from one
 #: run's summary); each is named ``"NN key"`` (``"01 method"``) and shown as ``key``
 HPARAMS = (
     "method",
-    "method_args",
     "lr",
-    "seed",
     "trainable_params",
+    "method_args",
+    "seed",
     "method_class",
     "backbone",
     "dataset",
