@@ -80,6 +80,7 @@ def test_running_the_experiments_as_written(tmp_path: Path, backbone: Path, caps
     report = read_csv(tmp_path / "runs" / "report" / "forgetting_table.csv")
     (row,) = [r for r in report if str(runs / "version_0") in r["run"]]
     assert row["method"].startswith("LoRA r=8") and row["new_task_test_acc1"] not in ("", "None")
+    assert (tmp_path / "runs" / "report" / "report.html").is_file()  # --html
 
 
 def test_reproducing_the_table_commands_parse(tmp_path: Path, capsys) -> None:

@@ -123,10 +123,12 @@ def test_markdown_rows_and_order(tmp_path: Path) -> None:
     assert (
         lines[2] == "| full fine-tuning | 213,893 | 92.22 | 98.15 | 70.00 | 77.04 | 21.11 | 21.51 | 84.63 |"
     )
-    assert [p.name for p in report.files] == [
+    assert [p.name for p in report.files[:4]] == [
         "forgetting_table.md", "forgetting_table.csv", "forgetting_curves.png", "stability_plasticity.png"
     ]  # fmt: skip
-    for png in report.files[2:]:
+    (events,) = report.files[4:]  # the figures for TensorBoard (tests/test_tensorboard.py)
+    assert events.name.startswith("events.out.tfevents.") and events.name.endswith(".ftforget-report")
+    for png in report.files[2:4]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
