@@ -150,9 +150,7 @@ def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FTFORGET_PROGRESS": "0"}
 
     whole = tmp_path / "whole"
-    subprocess.run(
-        _sweep_cmd(whole), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=900
-    )
+    subprocess.run(_sweep_cmd(whole), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_sweep_cmd(killed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
