@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftforget.report.figures import save_figures
-from ftforget.report.groups import different_bases, group_runs
+from ftforget.report.groups import RunGroup, different_bases, group_runs
 from ftforget.report.knob import KNOB_CSV, KnobPoint, knob_curves, knob_markdown, write_knob_csv
 from ftforget.report.routing import routing_section
 from ftforget.report.runs import Run, load_runs
@@ -46,11 +46,11 @@ class Report:
     document: str = ""
 
 
-def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
+def _untested(groups: list[RunGroup]) -> list[tuple[str, Path]]:
     """``(row label, run directory)`` of each run without a new-task test accuracy, in the table's order."""
     return [
         (group.label, run.path)
-        for group in group_runs(runs)
+        for group in groups
         for run in group.runs
         if run.test_accuracy() is None
     ]
@@ -77,14 +77,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "forgetting_table.md", out / "forgetting_table.csv"
     write_csv(rows, csv_path)
-    knob = knob_curves(group_runs(measured))
+    groups = group_runs(measured)
+    knob = knob_curves(groups)
     knob_csv = out / KNOB_CSV
     if knob:
         write_knob_csv(knob, knob_csv)
     else:
         knob_csv.unlink(missing_ok=True)  # no stale points from an earlier report
     figures, notes = save_figures(measured, rows, out, knob)
-    notes = [*different_bases(group_runs(measured)), *notes]
+    notes = [*different_bases(groups), *notes]
     table = to_markdown(rows)
     statistics = statistics_markdown(rows)
     knob_table = knob_markdown(knob) if knob else ""
@@ -96,7 +97,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     md_path.write_text(markdown)
     events = write_report_summaries(out, figures, markdown)  # the figures in TensorBoard too
     files = [md_path, csv_path, *([knob_csv] if knob else []), *figures, events]
-    untested = _untested(measured)
+    untested = _untested(groups)
     return Report(
         rows, table + notes_md, files, skipped, notes, untested, statistics, knob, knob_table, markdown
     )
