@@ -183,6 +183,7 @@ class FTForgetCLI(LightningCLI):
         # hpc_ckpt_<n>.ckpt it finds: the run's own directory, never a working directory shared with other
         # runs (Trainer(default_root_dir=...) comes before the logger that names the run, hence here).
         self.trainer._default_root_dir = str(run_dir)
+        self.owned_run_dir = run_dir  # every rank knows it: no collective needed to ask later
 
     def before_fit(self) -> None:
         self._preflight("fit")

@@ -6,7 +6,8 @@ script ``ftforget sweep --slurm`` writes.
 - A task requeued three times mid-fit (``scontrol requeue``; ``scancel --signal=USR1`` to its processes;
   ``scancel --batch --signal=USR1`` to its script, as before a time limit) resumes its own run each time
   and ends bit-identical to an uninterrupted fit.
-- A task of 2 CPU processes (gloo) under ``srun``: world size 2, and the probe's measurements of one process.
+- A task of 2 CPU processes (gloo) under ``srun``: world size 2, the probe's measurements of one process,
+  and the test accuracy of one process (each test image scored once).
 
 Slow (about 5 minutes on 2 cores); skipped, naming what is missing, where SLURM is not installed
 (``bash tests/system_packages.sh`` installs it).
@@ -217,3 +218,8 @@ def test_a_two_process_task_measures_what_one_process_does(
         for r in (run_two, run_one)
     ]
     assert measured[0] == measured[1] and len(measured[0]) == len(_steps(run_one))
+    # The 2-process test scored each of the 179 test images once: its accuracy is one process's, exactly.
+    assert main(["test", "--run", str(run_two), "--ckpt_path", "last", "--trainer.devices", "1"]) == 0
+    ddp, single = [json.loads(x) for x in (run_two / "test_results.jsonl").read_text().splitlines()]
+    assert ddp["test/acc1"] == single["test/acc1"] and ddp["test/acc5"] == single["test/acc5"]
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-6)  # sums in another order

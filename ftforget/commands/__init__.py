@@ -62,9 +62,8 @@ def write_summaries(cli: Any) -> None:
     trainer = getattr(cli, "trainer", None)
     if cli.subcommand not in ("fit", "test") or trainer is None or not trainer.is_global_zero:
         return
-    run_dir = getattr(cli, "_run_dir", None)
-    if run_dir is None and trainer.loggers and trainer.log_dir:
-        run_dir = Path(trainer.log_dir)
+    # Not trainer.log_dir: under DDP that is a collective, and only rank 0 is here.
+    run_dir = getattr(cli, "owned_run_dir", None)
     if run_dir is None or not any(Path(run_dir).glob(EVENT_GLOB)):
         return  # no TensorBoard logger: nothing to add to
     try:
