@@ -51,6 +51,8 @@ ALLOWED: dict[str, set[str]] = {
     "sweep": {"resources", "runs", "slurm"},
     # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
     "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
+    # continual streams: tasks in a row, the accuracy matrix, the probe over the stream (issue 22)
+    "stream": {"adapters", "backbones", "files", "forgetting", "inference", "methods", "runs", "sweep"},
     "demo": {
         "backbones",
         "cli",
@@ -81,6 +83,7 @@ ALLOWED: dict[str, set[str]] = {
         "runs",
         "slurm",
         "stats",
+        "stream",
         "sweep",
         "tasks",
     },

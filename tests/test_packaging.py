@@ -35,6 +35,8 @@ def test_every_shipped_yaml_is_parsed_by_a_cli_test():
     # defaults.yaml; test_demo parses each demo method's config with common.yaml.
     assert _names(SOURCE) == sorted([p.name for p in CONFIGS] + ["defaults.yaml", "forgetting.yaml"])
     assert _names(SOURCE / "demo") == sorted([f"{m}.yaml" for m in DEMO_METHODS] + ["common.yaml"])
+    # test_stream loads the stream file and fits a short version of it
+    assert _names(SOURCE / "stream") == ["digits.yaml"]
 
 
 CHECK = """

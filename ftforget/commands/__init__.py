@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("demo", "the whole experiment in miniature on scikit-learn's digits, on a CPU, in minutes"),
     "export": ("export", "what a run's method changed relative to its base, as one safetensors file"),
+    "stream": (
+        "stream",
+        "tasks in a row from one another's final weights: accuracy matrix, forgetting throughout",
+    ),
     "attach": ("attach", "put an exported task onto a base backbone (checked by SHA-256), as a checkpoint"),
 }
 

@@ -1,0 +1,120 @@
+"""``ftforget stream``: tasks in a row, each fine-tuned from the previous one's final weights
+(:mod:`ftforget.stream`); prints the accuracy matrix and the stream metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ftforget.demo import PretrainSettings, pretrained_backbone
+from ftforget.stream.config import StreamConfig, StreamConfigError, fit_settings, load_stream
+from ftforget.stream.run import METRICS_FILE, read_matrix, run_stream
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftforget stream",
+        description="A continual stream: the tasks of a stream file fine-tuned one after another with one "
+        "method, each from the previous task's final weights, with a new head per task; the "
+        "pretraining-domain probe over the whole stream and the accuracy matrix R[i, j]. Run it again to go "
+        "on after an interruption.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the stream file (YAML)")
+    parser.add_argument(
+        "--method",
+        type=Path,
+        action="append",
+        default=None,
+        help="a method fit config, replacing the stream file's `method` (repeat for several files, applied "
+        "in order)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("runs/stream"), help="streams go to OUTPUT/<method>/seed<seed>"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="start: demo: pretrained backbones (default: OUTPUT/pretrained)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    return parser
+
+
+def demo_start(config: StreamConfig, cache_dir: Path) -> Path:
+    """``start: demo``: the backbone pretrained on the old digits of the first task's settings, cached as
+    ``ftforget demo`` caches it (same settings, same file)."""
+    settings = fit_settings(config, config.tasks[0])
+    model = settings.get("model", {}).get("init_args", {})
+    data = settings.get("data", {}).get("init_args", {})
+    missing = [k for k in ("backbone", "backbone_kwargs") if k not in model] + [
+        k for k in ("old_digits", "image_size", "split_seed") if k not in data
+    ]
+    if missing:
+        raise StreamConfigError(
+            f"stream file {str(config.source)!r}: start: demo needs model.init_args.backbone/backbone_kwargs "
+            f"and data.init_args.old_digits/image_size/split_seed in the method's files or common (missing {missing})"
+        )
+    pretrain = PretrainSettings(
+        backbone=model["backbone"],
+        backbone_kwargs=dict(model["backbone_kwargs"]),
+        old_digits=list(data["old_digits"]),
+        image_size=int(data["image_size"]),
+        split_seed=int(data["split_seed"]),
+        steps=config.pretrain_steps,
+        seed=config.seed,
+    )
+    return pretrained_backbone(pretrain, cache_dir)
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(f"[ftforget stream] {message}\n")
+    sys.stdout.flush()
+
+
+def matrix_table(root: Path) -> str:
+    """R[i, j] as a Markdown table, percentages (rows: after training task i; columns: task j)."""
+    matrix = read_matrix(root)
+    tasks = matrix["tasks"]
+    lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for i, row in enumerate(matrix["rows"]):
+        cells = [
+            f"{100 * row['correct'][j] / row['total'][j]:.1f}" if j < len(row["correct"]) else ""
+            for j in range(len(tasks))
+        ]
+        lines.append(f"| {tasks[i]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Runs ``ftforget stream``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.threads < 1:
+        raise ValueError(f"stream --threads must be >= 1, got {args.threads}")
+    config = load_stream(args.config, args.method)
+    start_time = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        if config.start == "demo":
+            start = demo_start(config, args.cache_dir or args.output / "pretrained")
+        else:
+            start = Path(config.start)
+        from ftforget.commands import main as stage
+
+        root = run_stream(config, start, args.output, stage, _say, args.threads)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in a process that goes on (tests)
+    metrics = json.loads((root / METRICS_FILE).read_text())
+    sys.stdout.write("\nAccuracy R[i, j] (%) on task j's test split after training task i:\n\n")
+    sys.stdout.write(matrix_table(root) + "\n\n")
+    for key in ("average_accuracy", "average_forgetting", "backward_transfer"):
+        value = metrics[key]
+        sys.stdout.write(f"{key}: {'n/a' if value is None else f'{100 * value:.2f}%'}\n")
+    _say(f"done in {time.perf_counter() - start_time:.0f} s: {root}")
+    return 0

@@ -1,0 +1,239 @@
+"""Running a stream: one run directory, one sub-run per task, each starting where the previous one ended.
+
+``<output>/<method>/seed<seed>/`` holds::
+
+    stream.yaml               the stream as it was started (a restart with another one is refused)
+    configs/common.yaml       the stream's `common` fit settings; configs/<i>-<task>.yaml each task's
+    <i>-<task>/               task i's sub-run: an ordinary run directory (ftforget fit, then test)
+    carried/<i>-<task>.pth    the backbone task i hands on (ftforget.stream.carry), .yaml how to build it
+    accuracy_matrix.json      R[i][j] (with the correct/total counts behind it), row i after task i
+    stream_forgetting.jsonl   the pretraining-domain probe over the cumulative step of the whole stream
+    stream_metrics.json       average accuracy, forgetting, backward transfer (ftforget.stream.metrics)
+
+Each task's fit goes through the ordinary fit path (``ftforget fit``, resumed with ``ftforget fit
+--resume`` from its ``last.ckpt``: :class:`ftforget.sweep.SweepRun`); everything else is a deterministic
+function of the sub-runs' files, rewritten atomically, so a stream killed anywhere and started again with
+the same command ends with the files of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftforget.files import atomic_write
+from ftforget.forgetting.config import eval_steps_until
+from ftforget.runs import CHECKPOINT_DIR, LAST
+from ftforget.stream.carry import read_carried, run_data_module, task_head, test_accuracy, write_carried
+from ftforget.stream.config import StreamConfig, StreamConfigError
+from ftforget.stream.metrics import stream_metrics
+from ftforget.sweep import SweepRun, run_sweep
+
+MATRIX_FILE = "accuracy_matrix.json"
+FORGETTING_FILE = "stream_forgetting.jsonl"
+METRICS_FILE = "stream_metrics.json"
+STREAM_FILE = "stream.yaml"
+
+
+@dataclass
+class TaskRun(SweepRun):
+    """A task's sub-run: a :class:`~ftforget.sweep.SweepRun` whose directory is ``output/name`` (the
+    stream's directory is ``output``; the seed is the stream's)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output / self.name
+
+    def fit_args(self) -> list[str]:
+        args = super().fit_args()
+        logger = "--trainer.logger.init_args"  # TensorBoard's log_dir is save_dir/name/version
+        for key, value in (
+            (f"{logger}.save_dir", str(self.output.parent)),
+            (f"{logger}.name", self.output.name),
+            (f"{logger}.version", self.name),
+        ):
+            args[args.index(key) + 1] = value
+        return args
+
+
+def stream_dir(output: Path, config: StreamConfig) -> Path:
+    """The stream's run directory: ``<output>/<method>/seed<seed>``."""
+    return Path(output) / config.method_name / f"seed{config.seed}"
+
+
+def task_dir_name(index: int, name: str) -> str:
+    return f"{index + 1}-{name}"
+
+
+def _write_yaml(path: Path, data: Any) -> None:
+    text = yaml.safe_dump(data, sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def prepare(config: StreamConfig, start: Path, root: Path) -> None:
+    """Writes ``stream.yaml`` and the fit settings files, or checks that a started stream is this one.
+
+    Raises:
+        StreamConfigError: ``root`` holds a stream started with other settings.
+    """
+    record = {**asdict(config), "source": str(config.source), "start": str(start)}
+    record["method"] = [str(m) for m in config.method]
+    copy = root / STREAM_FILE
+    if copy.is_file():
+        before = yaml.safe_load(copy.read_text())
+        if before != yaml.safe_load(yaml.safe_dump(record, sort_keys=False)):
+            raise StreamConfigError(
+                f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
+                "give another --output, or remove that directory"
+            )
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_yaml(copy, record)
+    _write_yaml(root / "configs" / "common.yaml", config.common)
+    for index, task in enumerate(config.tasks):
+        _write_yaml(root / "configs" / f"{task_dir_name(index, task.name)}.yaml", task.config)
+
+
+def task_run(
+    config: StreamConfig,
+    root: Path,
+    index: int,
+    checkpoint: Path,
+    backbone_kwargs: dict[str, Any] | None = None,
+    threads: int = 1,
+) -> TaskRun:
+    """Task ``index``'s sub-run: the method's configs, ``common``, the task's settings; the backbone
+    ``checkpoint`` (the stream's start, or the one carried out of the previous task, with the
+    ``backbone_kwargs`` that build it); ``steps`` steps; the probe at log-spaced steps."""
+    name = task_dir_name(index, config.tasks[index].name)
+    extra = [
+        *("--model.init_args.checkpoint", str(checkpoint)),
+        *("--trainer.max_steps", str(config.steps)),
+        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(config.steps))}",
+        *("--checkpoint.every_n_train_steps", str(config.checkpoint_every)),
+        *("--threads", str(threads)),
+    ]
+    if backbone_kwargs is not None:  # Block Expansion's carried backbone is deeper than the method's
+        extra += ["--model.init_args.backbone_kwargs", json.dumps(backbone_kwargs, sort_keys=True)]
+    configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
+    return TaskRun(name, config.seed, configs, root, extra, test_ckpt="last")
+
+
+def carried_path(root: Path, index: int, name: str) -> Path:
+    return root / "carried" / f"{task_dir_name(index, name)}.pth"
+
+
+def accuracy_row(runs: Sequence[TaskRun], index: int, carried: Path) -> dict[str, list]:
+    """Row ``index`` of R: each earlier task's head (and this one's) on the backbone carried out of task
+    ``index``, on that task's test split."""
+    backbone, _ = read_carried(carried)
+    correct, total = [], []
+    for j in range(index + 1):
+        head = task_head(runs[j].run_dir / CHECKPOINT_DIR / LAST)
+        c, n = test_accuracy(backbone, head, run_data_module(runs[j].run_dir))
+        correct.append(c)
+        total.append(n)
+    return {"correct": correct, "total": total}
+
+
+def read_matrix(root: Path) -> dict[str, Any]:
+    path = root / MATRIX_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"tasks": [], "rows": []}
+
+
+def matrix_values(matrix: dict[str, Any]) -> list[list[float | None]]:
+    """R as fractions, ``None`` above the diagonal (a task-incremental stream has no head there yet)."""
+    T = len(matrix["tasks"])
+    return [
+        [row["correct"][j] / row["total"][j] if j < len(row["correct"]) else None for j in range(T)]
+        for row in matrix["rows"]
+    ]
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    latest: dict[tuple[int, Any], dict] = {}  # a resumed fit may measure a step again: keep the last
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            latest[(int(record["step"]), record.get("k"))] = record
+    return [latest[key] for key in sorted(latest, key=lambda sk: (sk[0], str(sk[1])))]
+
+
+def stream_curve(runs: Sequence[TaskRun], steps: int) -> list[dict]:
+    """Every task's probe measurements on the stream's cumulative step (task ``i``'s step ``s`` is
+    ``i · steps + s``): ``task``, ``task_step``, ``boundary`` (a task's first measurement, at the weights the
+    previous task ended with) and ``stream_drop_abs`` (from the stream's own step 0, per ``k``)."""
+    out: list[dict] = []
+    first: dict[Any, float] = {}
+    for index, run in enumerate(runs):
+        for record in _records(run.run_dir / "forgetting.jsonl"):
+            k = record.get("k")
+            first.setdefault(k, float(record["top1"]))
+            out.append({
+                **record, "step": index * steps + int(record["step"]), "task_step": int(record["step"]),
+                "task": run.name, "task_index": index, "boundary": index > 0 and int(record["step"]) == 0,
+                "stream_drop_abs": first[k] - float(record["top1"]),
+            })  # fmt: skip
+    return out
+
+
+def write_curve(root: Path, runs: Sequence[TaskRun], steps: int) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in stream_curve(runs, steps)).encode()
+    atomic_write(root / FORGETTING_FILE, lambda f: f.write(lines))
+
+
+def run_stream(
+    config: StreamConfig,
+    start: Path,
+    output: Path,
+    stage: Callable[[list[str]], int],
+    say: Callable[[str], None] = lambda _: None,
+    threads: int = 1,
+) -> Path:
+    """Runs (or goes on with) the stream; returns its directory.
+
+    Args:
+        config: the stream.
+        start: the first task's backbone weights file.
+        output: the stream is ``output/<method>/seed<seed>``.
+        stage: runs one ``ftforget`` command and returns its exit status.
+        say: progress lines.
+
+    Raises:
+        SweepError: a task's fit or test failed (run the same command again to go on from there).
+        StreamConfigError: the directory holds a stream started with other settings.
+    """
+    root = stream_dir(output, config)
+    prepare(config, start, root)
+    matrix = read_matrix(root)
+    matrix["tasks"] = [task_dir_name(i, t.name) for i, t in enumerate(config.tasks)]
+    runs: list[TaskRun] = []
+    checkpoint, kwargs = start, None
+    for index, task in enumerate(config.tasks):
+        run = task_run(config, root, index, checkpoint, kwargs, threads)
+        runs.append(run)
+        say(f"task {index + 1}/{len(config.tasks)} {run.name}")
+        run_sweep([run], stage, say)
+        checkpoint = carried_path(root, index, task.name)
+        if not (checkpoint.is_file() and checkpoint.with_suffix(".yaml").is_file()):
+            write_carried(run.run_dir / CHECKPOINT_DIR / LAST, checkpoint)
+        kwargs = yaml.safe_load(checkpoint.with_suffix(".yaml").read_text())["backbone_kwargs"]
+        if len(matrix["rows"]) <= index:
+            matrix["rows"] = matrix["rows"][:index] + [accuracy_row(runs, index, checkpoint)]
+            _write_json(root / MATRIX_FILE, matrix)
+        write_curve(root, runs, config.steps)
+    R = matrix_values(matrix)
+    _write_json(root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, **stream_metrics(R)})
+    return root
