@@ -52,7 +52,17 @@ ALLOWED: dict[str, set[str]] = {
     # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
     "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
     # continual streams: tasks in a row, the accuracy matrix, the probe over the stream (issue 22)
-    "stream": {"adapters", "backbones", "files", "forgetting", "inference", "methods", "runs", "sweep"},
+    "stream": {
+        "adapters",
+        "backbones",
+        "files",
+        "forgetting",
+        "inference",
+        "methods",
+        "runs",
+        "sweep",
+        "tasks",
+    },
     "demo": {
         "backbones",
         "cli",

@@ -245,3 +245,32 @@ def test_a_stream_killed_during_task_2_resumes_bit_identical(tmp_path, backbone)
         return [(r["step"], r["task"], r["top1"], r["top5"]) for r in map(json.loads, lines)]
 
     assert curve(whole) == curve(cut)
+
+
+@pytest.mark.slow
+def test_hot_swap_references_are_fits_from_the_start_weights(tmp_path, backbone, capsys) -> None:
+    path = stream_file(tmp_path, backbone, steps=4, tasks=TASKS[:2])
+    assert _run(path, tmp_path / "out") == 0
+    root = tmp_path / "out" / "full" / "seed0"
+    assert not (root / "hot_swap.json").exists()
+    before = (root / "accuracy_matrix.json").read_bytes()
+    # switched on later, in the same directory: the stream is done, only the references are fitted
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "hot_swap": True}))
+    assert _run(path, tmp_path / "out") == 0
+    assert "2-d67 seed 0: done" in capsys.readouterr().out
+    assert (root / "accuracy_matrix.json").read_bytes() == before
+    config = yaml.safe_load((root / "ref-2-d67" / "config.yaml").read_text())
+    assert config["model"]["init_args"]["checkpoint"] == str(backbone)
+    swap = json.loads((root / "hot_swap.json").read_text())
+    test = [json.loads(line) for line in (root / "ref-2-d67" / "test_results.jsonl").read_text().splitlines()]
+    assert swap["oracle"][1] == pytest.approx(test[-1]["test/acc1"], abs=1e-7)
+    first = json.loads((root / "1-d45" / "test_results.jsonl").read_text().splitlines()[-1])
+    assert swap["oracle"][0] == pytest.approx(first["test/acc1"], abs=1e-7)  # task 1's reference is itself
+    assert (
+        0 <= swap["routed_correct"] <= swap["total"]
+        and swap["routed_average_accuracy"] <= swap["oracle_average_accuracy"]
+    )
+    metrics = json.loads((root / "stream_metrics.json").read_text())
+    R = metrics["R"]
+    assert metrics["reference"] == swap["oracle"]
+    assert metrics["single_task_transfer"] == R[1][1] - swap["oracle"][1]

@@ -13,7 +13,7 @@ import torch
 
 from ftforget.demo import PretrainSettings, pretrained_backbone
 from ftforget.stream.config import StreamConfig, StreamConfigError, fit_settings, load_stream
-from ftforget.stream.run import METRICS_FILE, read_matrix, run_stream
+from ftforget.stream.run import HOT_SWAP_FILE, METRICS_FILE, read_matrix, run_stream
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,5 +116,14 @@ def main(argv: list[str]) -> int:
     for key in ("average_accuracy", "average_forgetting", "backward_transfer"):
         value = metrics[key]
         sys.stdout.write(f"{key}: {'n/a' if value is None else f'{100 * value:.2f}%'}\n")
+    if metrics.get("single_task_transfer") is not None:
+        sys.stdout.write(f"single_task_transfer: {100 * metrics['single_task_transfer']:.2f}%\n")
+    if (root / HOT_SWAP_FILE).is_file():
+        swap = json.loads((root / HOT_SWAP_FILE).read_text())
+        sys.stdout.write(
+            f"hot-swap (each task alone from the start weights): oracle average accuracy "
+            f"{100 * swap['oracle_average_accuracy']:.2f}%, routed without labels "
+            f"{100 * swap['routed_average_accuracy']:.2f}% (routing accuracy {100 * swap['routing_accuracy']:.2f}%)\n"
+        )
     _say(f"done in {time.perf_counter() - start_time:.0f} s: {root}")
     return 0

@@ -12,6 +12,7 @@ A stream file is YAML::
     tasks:                 # in order; each task's fit settings come after `common`
       - {name: d45, config: {data: {init_args: {new_digits: [4, 5]}}}}
       - {name: d67, config: {data: {init_args: {new_digits: [6, 7]}}}}
+    hot_swap: true         # also fit every task alone from `start`, and route (ftforget.stream.hotswap)
 
 ``ftforget stream --method FILE ...`` replaces ``method`` (paths relative to the working directory), so
 one stream file serves every method.
@@ -27,7 +28,17 @@ from typing import Any
 import yaml
 
 #: the keys a stream file may have (every other key is a mistake: it is named in the error)
-KEYS = {"method", "start", "pretrain_steps", "steps", "seed", "checkpoint_every", "common", "tasks"}
+KEYS = {
+    "method",
+    "start",
+    "pretrain_steps",
+    "steps",
+    "seed",
+    "checkpoint_every",
+    "common",
+    "tasks",
+    "hot_swap",
+}
 #: a task name becomes part of a directory name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -52,6 +63,8 @@ class StreamConfig:
         source: the stream file.
         method: the method's fit config files, applied in order before ``common`` and the task's settings.
         start: the first task's backbone weights file, or ``"demo"``: pretrained as ``ftforget demo`` does.
+        hot_swap: also fit every task alone from ``start`` (the references of the single-task transfer and
+            the hot-swap alternative, :mod:`ftforget.stream.hotswap`).
     """
 
     source: Path
@@ -63,6 +76,7 @@ class StreamConfig:
     seed: int = 0
     checkpoint_every: int = 10
     common: dict[str, Any] = field(default_factory=dict)
+    hot_swap: bool = False
 
     @property
     def method_name(self) -> str:
@@ -144,6 +158,9 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
         if not start_path.is_file():
             raise FileNotFoundError(f"{where}: start weights file {str(start_path)!r} does not exist")
         start = str(start_path)
+    hot_swap = raw.get("hot_swap", False)
+    if not isinstance(hot_swap, bool):
+        raise StreamConfigError(f"{where}: hot_swap must be true or false, got {hot_swap!r}")
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise StreamConfigError(f"{where}: common must be a mapping of fit settings")
@@ -157,6 +174,7 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
         seed=_int(raw, "seed", 0, 0, where),
         checkpoint_every=_int(raw, "checkpoint_every", 10, 1, where),
         common=common,
+        hot_swap=hot_swap,
     )
 
 

@@ -9,6 +9,9 @@
     accuracy_matrix.json      R[i][j] (with the correct/total counts behind it), row i after task i
     stream_forgetting.jsonl   the pretraining-domain probe over the cumulative step of the whole stream
     stream_metrics.json       average accuracy, forgetting, backward transfer (ftforget.stream.metrics)
+    ref-<i>-<task>/           with hot_swap: task i fitted alone from the start weights (i >= 2; task 1's
+                              reference is 1-<task> itself)
+    hot_swap.json             with hot_swap: those references routed without labels (ftforget.stream.hotswap)
 
 Each task's fit goes through the ordinary fit path (``ftforget fit``, resumed with ``ftforget fit
 --resume`` from its ``last.ckpt``: :class:`ftforget.sweep.SweepRun`); everything else is a deterministic
@@ -31,6 +34,7 @@ from ftforget.forgetting.config import eval_steps_until
 from ftforget.runs import CHECKPOINT_DIR, LAST
 from ftforget.stream.carry import read_carried, run_data_module, task_head, test_accuracy, write_carried
 from ftforget.stream.config import StreamConfig, StreamConfigError
+from ftforget.stream.hotswap import hot_swap_results
 from ftforget.stream.metrics import stream_metrics
 from ftforget.sweep import SweepRun, run_sweep
 
@@ -38,6 +42,7 @@ MATRIX_FILE = "accuracy_matrix.json"
 FORGETTING_FILE = "stream_forgetting.jsonl"
 METRICS_FILE = "stream_metrics.json"
 STREAM_FILE = "stream.yaml"
+HOT_SWAP_FILE = "hot_swap.json"
 
 
 @dataclass
@@ -86,11 +91,14 @@ def prepare(config: StreamConfig, start: Path, root: Path) -> None:
     Raises:
         StreamConfigError: ``root`` holds a stream started with other settings.
     """
+    # hot_swap only adds sub-runs beside the stream's: switching it on later goes on with the same stream
     record = {**asdict(config), "source": str(config.source), "start": str(start)}
     record["method"] = [str(m) for m in config.method]
+    record.pop("hot_swap")
     copy = root / STREAM_FILE
     if copy.is_file():
         before = yaml.safe_load(copy.read_text())
+        before.pop("hot_swap", None)
         if before != yaml.safe_load(yaml.safe_dump(record, sort_keys=False)):
             raise StreamConfigError(
                 f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
@@ -111,11 +119,14 @@ def task_run(
     checkpoint: Path,
     backbone_kwargs: dict[str, Any] | None = None,
     threads: int = 1,
+    prefix: str = "",
 ) -> TaskRun:
     """Task ``index``'s sub-run: the method's configs, ``common``, the task's settings; the backbone
     ``checkpoint`` (the stream's start, or the one carried out of the previous task, with the
-    ``backbone_kwargs`` that build it); ``steps`` steps; the probe at log-spaced steps."""
+    ``backbone_kwargs`` that build it); ``steps`` steps; the probe at log-spaced steps. ``prefix`` names
+    another sub-run of the same task (``ref-``: a hot-swap reference)."""
     name = task_dir_name(index, config.tasks[index].name)
+    configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
     extra = [
         *("--model.init_args.checkpoint", str(checkpoint)),
         *("--trainer.max_steps", str(config.steps)),
@@ -125,8 +136,7 @@ def task_run(
     ]
     if backbone_kwargs is not None:  # Block Expansion's carried backbone is deeper than the method's
         extra += ["--model.init_args.backbone_kwargs", json.dumps(backbone_kwargs, sort_keys=True)]
-    configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
-    return TaskRun(name, config.seed, configs, root, extra, test_ckpt="last")
+    return TaskRun(prefix + name, config.seed, configs, root, extra, test_ckpt="last")
 
 
 def carried_path(root: Path, index: int, name: str) -> Path:
@@ -234,6 +244,34 @@ def run_stream(
             matrix["rows"] = matrix["rows"][:index] + [accuracy_row(runs, index, checkpoint)]
             _write_json(root / MATRIX_FILE, matrix)
         write_curve(root, runs, config.steps)
+    reference = None
+    if config.hot_swap:
+        reference = hot_swap(config, start, root, runs, stage, say, threads)["oracle"]
     R = matrix_values(matrix)
-    _write_json(root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, **stream_metrics(R)})
+    metrics = stream_metrics(R, reference=reference)
+    _write_json(root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, "reference": reference, **metrics})
     return root
+
+
+def hot_swap(
+    config: StreamConfig,
+    start: Path,
+    root: Path,
+    runs: Sequence[TaskRun],
+    stage: Callable[[list[str]], int],
+    say: Callable[[str], None],
+    threads: int,
+) -> dict[str, Any]:
+    """Fits every task after the first alone from ``start`` (resumable, as the stream's tasks), then
+    writes and returns :func:`~ftforget.stream.hotswap.hot_swap_results`."""
+    references = [runs[0]]
+    for index in range(1, len(config.tasks)):
+        run = task_run(config, root, index, start, None, threads, prefix="ref-")
+        say(f"hot-swap reference {index + 1}/{len(config.tasks)} {run.name}")
+        run_sweep([run], stage, say)
+        references.append(run)
+    path = root / HOT_SWAP_FILE
+    if not path.is_file():
+        names = [task_dir_name(i, t.name) for i, t in enumerate(config.tasks)]
+        _write_json(path, hot_swap_results(start, [r.run_dir for r in references], names))
+    return json.loads(path.read_text())
