@@ -50,7 +50,7 @@ def test_the_shipped_digits_stream_loads() -> None:
     assert config.method == [
         config_dir() / "stream" / ".." / "demo" / f for f in ("full.yaml", "common.yaml")
     ]
-    assert (config.start, config.steps, config.method_name) == ("demo", 200, "full")
+    assert (config.start, config.steps, config.method_name, config.hot_swap) == ("demo", 200, "full", True)
 
 
 @pytest.mark.parametrize(
@@ -274,3 +274,18 @@ def test_hot_swap_references_are_fits_from_the_start_weights(tmp_path, backbone,
     R = metrics["R"]
     assert metrics["reference"] == swap["oracle"]
     assert metrics["single_task_transfer"] == R[1][1] - swap["oracle"][1]
+
+
+def test_the_readme_stream_commands_name_real_files() -> None:
+    from tests.test_readme import commands, section
+
+    found = [c for c in commands(section("Continual streams")) if c[0] == "stream"]
+    assert len(found) == 3
+    for args in found:
+        config = load_stream(ROOT / args[args.index("--config") + 1], [ROOT / a for i, a in enumerate(args) if args[i - 1] == "--method"] or None)  # fmt: skip
+        assert [t.name for t in config.tasks] == ["d45", "d67", "d89"] and config.hot_swap
+    assert {load_stream(ROOT / c[2], [ROOT / c[4]] if len(c) > 3 else None).method_name for c in found} == {
+        "full",
+        "lora",
+        "block_expansion",
+    }

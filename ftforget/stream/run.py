@@ -22,6 +22,7 @@ the same command ends with the files of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,6 +232,7 @@ def run_stream(
     matrix["tasks"] = [task_dir_name(i, t.name) for i, t in enumerate(config.tasks)]
     runs: list[TaskRun] = []
     checkpoint, kwargs = start, None
+    began = time.perf_counter()
     for index, task in enumerate(config.tasks):
         run = task_run(config, root, index, checkpoint, kwargs, threads)
         runs.append(run)
@@ -244,9 +246,12 @@ def run_stream(
             matrix["rows"] = matrix["rows"][:index] + [accuracy_row(runs, index, checkpoint)]
             _write_json(root / MATRIX_FILE, matrix)
         write_curve(root, runs, config.steps)
+    say(f"the stream's {len(runs)} tasks: {time.perf_counter() - began:.0f} s in this process")
     reference = None
     if config.hot_swap:
+        began = time.perf_counter()
         reference = hot_swap(config, start, root, runs, stage, say, threads)["oracle"]
+        say(f"hot-swap references and routing: {time.perf_counter() - began:.0f} s in this process")
     R = matrix_values(matrix)
     metrics = stream_metrics(R, reference=reference)
     _write_json(root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, "reference": reference, **metrics})
