@@ -60,6 +60,7 @@ ALLOWED: dict[str, set[str]] = {
         "inference",
         "methods",
         "runs",
+        "stats",
         "sweep",
         "tasks",
     },

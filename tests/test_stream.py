@@ -155,6 +155,9 @@ def test_full_fine_tuning_stream_end_to_end(tmp_path, backbone, capsys) -> None:
     ]
     metrics = json.loads((root / "stream_metrics.json").read_text())
     assert {k: metrics[k] for k in stream_metrics(R)} == stream_metrics(R) and metrics["R"] == R
+    for name in ("average_accuracy", "average_forgetting", "backward_transfer"):  # 95% bootstrap intervals
+        lo, hi = metrics["ci95"][name]
+        assert lo <= metrics[name] <= hi
     # the probe: one curve over the cumulative step, equal on both sides of every task boundary
     curve = [json.loads(line) for line in (root / "stream_forgetting.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [0, 1, 2, 5, 6, 6, 7, 8, 11, 12, 12, 13, 14, 17, 18]

@@ -65,3 +65,33 @@ def test_one_task_has_only_an_average_accuracy() -> None:
 def test_malformed_matrices_are_named(matrix, message) -> None:
     with pytest.raises(ValueError, match=message):
         check_matrix(matrix)
+
+
+def test_bootstrap_of_constant_hits_is_the_point() -> None:
+    import numpy as np
+
+    from ftforget.stream.bootstrap import stream_metrics_ci
+
+    ones, zeros = np.ones(8, bool), np.zeros(8, bool)
+    # every image right or every image wrong: each resample gives R itself, the interval is a point
+    constant = [[ones], [zeros, ones], [zeros, zeros, ones]]  # R = [[1], [0, 1], [0, 0, 1]]
+    ci = stream_metrics_ci(constant, resamples=50)
+    assert ci["average_accuracy"] == (1 / 3, 1 / 3)  # (0 + 0 + 1) / 3
+    assert ci["average_forgetting"] == (1.0, 1.0)  # ((max(1, 0) - 0) + (1 - 0)) / 2
+    assert ci["backward_transfer"] == (-1.0, -1.0)  # ((0 - 1) + (0 - 1)) / 2
+    assert ci["forward_transfer"] is None and ci["single_task_transfer"] is None
+
+
+def test_bootstrap_interval_holds_the_estimate_and_is_reproducible() -> None:
+    import numpy as np
+
+    from ftforget.stream.bootstrap import stream_metrics_ci
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(40) < 0.8, rng.random(40) < 0.9
+    hits = [[a], [a & (rng.random(40) < 0.7), b]]  # task 0 loses some images, never gains one
+    ci = stream_metrics_ci(hits, resamples=200, seed=1)
+    assert ci == stream_metrics_ci(hits, resamples=200, seed=1)
+    forgetting = a.mean() - hits[1][0].mean()
+    lo, hi = ci["average_forgetting"]
+    assert 0 <= lo <= forgetting <= hi  # paired: the drop is never negative in any resample

@@ -102,14 +102,13 @@ def run_data_module(run_dir: Path) -> Any:
 
 
 @torch.no_grad()
-def test_accuracy(backbone: nn.Module, head: nn.Linear, data: Any) -> tuple[int, int]:
-    """``(correct, total)`` of ``head(backbone(x))`` on the data module's test split, in eval mode."""
+def test_hits(backbone: nn.Module, head: nn.Linear, data: Any) -> torch.Tensor:
+    """The ``(N,)`` bool vector: whether ``head(backbone(x))`` names each test image's class, in the order of
+    the data module's test split, in eval mode."""
     data.setup("test")
-    correct = total = 0
+    hits = []
     model = nn.Sequential(backbone, head)
     with eval_mode(model):
         for batch in data.test_dataloader():
-            x, y = batch[0], batch[1]
-            correct += int((model(x).argmax(1) == y).sum())
-            total += int(y.numel())
-    return correct, total
+            hits.append(model(batch[0]).argmax(1) == batch[1])
+    return torch.cat(hits)

@@ -8,7 +8,8 @@
     carried/<i>-<task>.pth    the backbone task i hands on (ftforget.stream.carry), .yaml how to build it
     accuracy_matrix.json      R[i][j] (with the correct/total counts behind it), row i after task i
     stream_forgetting.jsonl   the pretraining-domain probe over the cumulative step of the whole stream
-    stream_metrics.json       average accuracy, forgetting, backward transfer (ftforget.stream.metrics)
+    stream_metrics.json       average accuracy, forgetting, backward transfer (ftforget.stream.metrics),
+                              their 95% bootstrap intervals over the test images (ftforget.stream.bootstrap)
     ref-<i>-<task>/           with hot_swap: task i fitted alone from the start weights (i >= 2; task 1's
                               reference is 1-<task> itself)
     hot_swap.json             with hot_swap: those references routed without labels (ftforget.stream.hotswap)
@@ -33,7 +34,9 @@ import yaml
 from ftforget.files import atomic_write
 from ftforget.forgetting.config import eval_steps_until
 from ftforget.runs import CHECKPOINT_DIR, LAST
-from ftforget.stream.carry import read_carried, run_data_module, task_head, test_accuracy, write_carried
+from ftforget.stats import pack_hits, unpack_hits
+from ftforget.stream.bootstrap import stream_metrics_ci
+from ftforget.stream.carry import read_carried, run_data_module, task_head, test_hits, write_carried
 from ftforget.stream.config import StreamConfig, StreamConfigError
 from ftforget.stream.hotswap import hot_swap_results
 from ftforget.stream.metrics import stream_metrics
@@ -148,13 +151,22 @@ def accuracy_row(runs: Sequence[TaskRun], index: int, carried: Path) -> dict[str
     """Row ``index`` of R: each earlier task's head (and this one's) on the backbone carried out of task
     ``index``, on that task's test split."""
     backbone, _ = read_carried(carried)
-    correct, total = [], []
+    correct, total, packed = [], [], []
     for j in range(index + 1):
         head = task_head(runs[j].run_dir / CHECKPOINT_DIR / LAST)
-        c, n = test_accuracy(backbone, head, run_data_module(runs[j].run_dir))
-        correct.append(c)
-        total.append(n)
-    return {"correct": correct, "total": total}
+        hits = test_hits(backbone, head, run_data_module(runs[j].run_dir))
+        correct.append(int(hits.sum()))
+        total.append(int(hits.numel()))
+        packed.append(pack_hits(hits.numpy()))
+    return {"correct": correct, "total": total, "hits": packed}
+
+
+def matrix_hits(matrix: dict[str, Any]) -> list[list[Any]] | None:
+    """Every row's per-image hit vectors (None for a matrix written without them)."""
+    rows = matrix["rows"]
+    if not rows or any("hits" not in row for row in rows):
+        return None
+    return [[unpack_hits(h, n) for h, n in zip(row["hits"], row["total"], strict=True)] for row in rows]
 
 
 def read_matrix(root: Path) -> dict[str, Any]:
@@ -254,7 +266,11 @@ def run_stream(
         say(f"hot-swap references and routing: {time.perf_counter() - began:.0f} s in this process")
     R = matrix_values(matrix)
     metrics = stream_metrics(R, reference=reference)
-    _write_json(root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, "reference": reference, **metrics})
+    hits = matrix_hits(matrix)
+    ci = None if hits is None else stream_metrics_ci(hits, reference=reference)
+    _write_json(
+        root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, "reference": reference, **metrics, "ci95": ci}
+    )
     return root
 
 
