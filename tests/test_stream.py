@@ -292,3 +292,13 @@ def test_the_readme_stream_commands_name_real_files() -> None:
         "lora",
         "block_expansion",
     }
+
+
+def test_a_task_that_does_not_build_fails_before_any_fit(tmp_path, backbone, capsys) -> None:
+    bad = [*TASKS[:2], {"name": "d8x", "config": {"data": {"init_args": {"new_digits": [8, 11]}}}}]
+    path = stream_file(tmp_path, backbone, tasks=bad)
+    assert _run(path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "task 3-d8x does not build: digits [8, 11] must be at least two distinct values in 0..9" in err
+    assert str(path) in err and err.count("\n") == 1
+    assert not list((tmp_path / "out" / "full" / "seed0").glob("*-d*/"))  # no sub-run started

@@ -72,6 +72,33 @@ def demo_start(config: StreamConfig, cache_dir: Path) -> Path:
     return pretrained_backbone(pretrain, cache_dir)
 
 
+def check_tasks(config: StreamConfig, start: Path, root: Path) -> None:
+    """Builds every task's model, data module and trainer from its settings (the start weights for all)
+    and checks its data (``check_inputs``) before the first fit, so that a bad task fails at once,
+    named, not after the tasks before it.
+
+    Raises:
+        StreamConfigError: a task's settings do not build; the message names the task and the reason.
+    """
+    from ftforget.cli import run_lightning
+    from ftforget.commands import user_error
+    from ftforget.stream.run import prepare, task_dir_name
+
+    prepare(config, start, root)  # writes the settings files the fits read
+    for index, task in enumerate(config.tasks):
+        name = task_dir_name(index, task.name)
+        configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
+        argv = [a for c in configs for a in ("--config", str(c))]
+        argv += ["--model.init_args.checkpoint", str(start), "--trainer.logger", "false"]
+        try:
+            run_lightning(argv, run=False).datamodule.check_inputs("fit")
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            message = " ".join(str(user_error(err)).split())
+            raise StreamConfigError(
+                f"stream file {str(config.source)!r}: task {name} does not build: {message}"
+            ) from None
+
+
 def _say(message: str) -> None:
     sys.stdout.write(f"[ftforget stream] {message}\n")
     sys.stdout.flush()
@@ -106,6 +133,9 @@ def main(argv: list[str]) -> int:
         else:
             start = Path(config.start)
         from ftforget.commands import main as stage
+        from ftforget.stream.run import stream_dir
+
+        check_tasks(config, start, stream_dir(args.output, config))
 
         root = run_stream(config, start, args.output, stage, _say, args.threads)
     finally:
