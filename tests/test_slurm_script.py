@@ -188,6 +188,27 @@ def test_usr1_in_a_sweep_task_requeues_its_job(tmp_path: Path, stubs: Path, monk
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_plain_fit_in_a_slurm_job_survives_usr1(monkeypatch, capsys) -> None:
+    from ftforget.slurm import keep_running_on_usr1
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        keep_running_on_usr1()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # not in a SLURM job: nothing changes
+        monkeypatch.setenv("SLURM_JOB_ID", "12")
+        keep_running_on_usr1()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the default action would end this process
+        assert "the fit goes on and writes last.ckpt at SIGTERM" in capsys.readouterr().err
+        requeue_on_usr1()  # a sweep task's handler first: a fit inside it keeps that one
+        handler = signal.getsignal(signal.SIGUSR1)
+        keep_running_on_usr1()
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "ftforget-test", "SLURM_JOB_ID": "5", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
 
