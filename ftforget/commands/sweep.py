@@ -51,7 +51,9 @@ DEMO_DEFAULTS = {"steps": 500, "pretrain_steps": 1000, "pretrain_seed": 0}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
-    parser = argparse.ArgumentParser(prog="ftforget sweep", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="ftforget sweep", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     parser.add_argument("configs", nargs="*", type=Path, help="config files, one run set each (or --preset)")
     parser.add_argument("--preset", choices=["paper", "demo"],
                         help="the paper's ten rows, or the runs of ftforget demo (pretraining included)")  # fmt: skip
