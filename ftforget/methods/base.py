@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim, restored_later
@@ -159,6 +160,11 @@ class FineTuningModule(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # The mean loss over the split as sums (loss x images, images) added up over the processes: Lightning's
+        # own mean of a logged value divides by the mean image count as an integer, off by one image under
+        # DDP whenever the split's size is odd. Metric states stay out of the state dict.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     @classmethod
     def describe(cls, init_args: dict[str, Any]) -> str:
@@ -327,7 +333,9 @@ class FineTuningModule(L.LightningModule):
         acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
         acc1(logits, y)
         acc5(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        loss = getattr(self, f"{stage}_loss")
+        loss.update(F.cross_entropy(logits, y), weight=y.shape[0])
+        self.log(f"{stage}/loss", loss)
         self.log(f"{stage}/acc1", acc1, prog_bar=True)
         self.log(f"{stage}/acc5", acc5)
         if stage == "val" and self.trainer.state.fn == "fit":
