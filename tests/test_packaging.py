@@ -72,7 +72,7 @@ def test_wheel_ships_the_configs(tmp_path):
     assert all(n.startswith(("ftforget/", "ftforget-")) for n in names)  # no second, top-level copy
     assert sum(n.startswith("ftforget/configs/") and n.endswith(".yaml") for n in names) == len(
         _names(SOURCE)
-    ) + len(_names(SOURCE / "demo")) + len(_names(SOURCE / "data")) + len(_names(SOURCE / "backbones"))
+    ) + sum(len(_names(SOURCE / d)) for d in ("demo", "data", "backbones", "peft"))
     install = [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, capture_output=True, text=True, timeout=300)
 

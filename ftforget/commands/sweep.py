@@ -25,7 +25,11 @@ from ftforget.sweep import SweepRun, build_runs, plan_commands, preset, run_swee
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftforget sweep", description=__doc__.split("\n\n")[0].strip("`"))
     parser.add_argument("configs", nargs="*", type=Path, help="config files, one run set each (or --preset)")
-    parser.add_argument("--preset", choices=["paper", "demo"], help="the paper's ten rows or the demo's five")
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "peft", "demo"],
+        help="the paper's ten rows, those and every PEFT method (configs/peft/), or the demo's five",
+    )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="seed_everything values (default: 0)"
     )
@@ -53,7 +57,7 @@ def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def sweep_runs(args: argparse.Namespace, extra: list[str]) -> list[SweepRun]:
     if bool(args.configs) == bool(args.preset):
-        raise ValueError("ftforget sweep: give config files or --preset paper|demo (one of the two)")
+        raise ValueError("ftforget sweep: give config files or --preset paper|peft|demo (one of the two)")
     config_sets = preset(args.preset) if args.preset else [[c] for c in args.configs]
     return build_runs(config_sets, args.seeds, args.output, extra, args.test_ckpt, args.knob)
 
