@@ -64,7 +64,7 @@ METHODS = [
 # Issue 20: PEFT's methods on the fused qkv (and fc2 for IA3's feed-forward scaling, every linear for
 # LoRA), and the vision PEFT classics. Each config builds a small adapter of the tiny ViT.
 PEFT_CONFIGS = {
-    "lora": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"]),
+    "lora": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "attn.proj", "fc1", "fc2"]),
     "dora": lambda: peft.LoraConfig(r=2, target_modules=["qkv"], use_dora=True),
     "loha": lambda: peft.LoHaConfig(r=2, target_modules=["qkv"]),
     "lokr": lambda: peft.LoKrConfig(r=2, target_modules=["qkv"]),

@@ -1,0 +1,373 @@
+"""Issue 20's methods: exact counts against closed forms, PEFT's LoRA against ftforget's, merge, disable, knob,
+VPT's prompt bookkeeping, checkpoints and configs. The shared invariants (identity at init, which parameters
+train and change) are in test_methods.py."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ftforget.adapters.peft_layers import peft_merged, tuner_layers
+from ftforget.commands import main
+from ftforget.methods import (
+    SSF,
+    AdaptFormer,
+    BitFit,
+    FullFineTuning,
+    LoRA,
+    PeftMethod,
+    VisualPromptTuning,
+)
+from ftforget.methods.knob import knob_model
+from ftforget.methods.peft_method import build_config, config_spec
+from ftforget.methods.registry import load_method, method_label
+from ftforget.sweep import PEFT_CONFIGS, preset
+from tests.helpers import quiet_trainer
+from tests.tiny import TINY_ARGS
+
+ROOT = Path(__file__).resolve().parents[1]
+PEFT_DIR = ROOT / "configs" / "peft"
+
+# ViT-B/16 (embed 768, MLP 3072, 12 blocks), a 100-class head: closed forms of each shipped config.
+D, H, N, HEAD = 768, 3072, 12, 768 * 100 + 100
+QKV = 3 * D
+CLOSED_FORMS = {
+    "lora_qkv": N * 8 * (D + QKV),  # one A (r x D) and one B (3D x r) per qkv
+    "lora_all": N * 2 * ((D + QKV) + (D + D) + (D + H) + (H + D)),  # r=2 on qkv, proj, fc1, fc2
+    "dora": N * (8 * (D + QKV) + QKV),  # LoRA plus one magnitude per output row
+    "pissa": N * 8 * (D + QKV),
+    "loha": N * 2 * 4 * (D + QKV),  # two rank-4 pairs
+    "lokr": N * (8 * 8 + 64 * (QKV // 8 + D // 8)),  # w1 8x8, w2 = (288 x 64)(64 x 96)
+    "oft": N * (D // 64) * (64 * 63 // 2),  # skew-symmetric blocks of 64 on the input
+    "boft": N * ((D // 32) * 32 * 32 + QKV),  # one butterfly factor of 32-blocks, a scale per output
+    "ia3": N * (QKV + H),  # qkv's output rows, fc2's input columns
+    "vera": N * (256 + QKV),  # lambda_d (r) and lambda_b (out); A and B are shared, frozen
+    "adalora": N * 12 * (D + QKV + 1),  # A, B and the singular values E at the initial rank 12
+    "bitfit": N * (D + QKV + D + D + H + D)
+    + D
+    + D,  # per block norm1, qkv, proj, norm2, fc1, fc2; patch, norm
+    "ssf": N * 2 * (D + QKV + D + D + H + D) + 2 * D + 2 * D,  # the same ops, a scale and a shift each
+    "adaptformer": N * (2 * D * 16 + 16 + D),  # down (with bias) and up (with bias), bottleneck 16
+    "vpt_deep": N * 32 * D,
+    "vpt_shallow": 50 * D,
+}
+
+
+def _shipped_model_args(name: str) -> tuple[type, dict]:
+    model = yaml.safe_load((PEFT_DIR / f"{name}.yaml").read_text())["model"]
+    cls = {c.__name__: c for c in (PeftMethod, BitFit, SSF, AdaptFormer, VisualPromptTuning)}[
+        model["class_path"].rsplit(".", 1)[-1]
+    ]
+    return cls, dict(model.get("init_args") or {})
+
+
+def test_every_shipped_peft_config_has_a_closed_form_and_is_in_the_preset():
+    assert sorted(CLOSED_FORMS) == sorted(PEFT_CONFIGS) == sorted(p.stem for p in PEFT_DIR.glob("*.yaml"))
+    runs = preset("peft")
+    assert [r[0].stem for r in runs[-len(PEFT_CONFIGS) :]] == list(PEFT_CONFIGS)
+    assert [r[0] for r in runs[: -len(PEFT_CONFIGS)]] == [r[0] for r in preset("paper")]
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_trainable_counts_of_the_shipped_configs_for_vit_b16(name):
+    cls, init_args = _shipped_model_args(name)
+    # BOFT builds its butterfly permutations with .item(), which the meta device cannot; PiSSA needs an SVD
+    # of real weights. Those two are built for real (random weights, no download).
+    device = "cpu" if name in ("boft", "pissa") else "meta"
+    with torch.device(device):
+        module = cls(num_classes=100, backbone="vit_base_patch16_224.dino", **init_args)
+    trainable, _ = module.parameter_counts()
+    assert trainable == CLOSED_FORMS[name] + HEAD
+
+
+def test_lora_budgets_equal_the_papers_lora_r8():
+    """PEFT's r=8 on all of qkv and r=2 on every linear cost exactly the paper's r=8 on q and v."""
+    with torch.device("meta"):
+        paper = LoRA(r=8, num_classes=100, backbone="vit_base_patch16_224.dino").parameter_counts()[0]
+    assert paper == CLOSED_FORMS["lora_qkv"] + HEAD == CLOSED_FORMS["lora_all"] + HEAD == 371_812
+
+
+# ------------------------------------------------------------------ PEFT's LoRA against ftforget's
+def _pair(peft_targets, own_targets, r=2, alpha=4.0):
+    """The same backbone and head, adapted by PEFT and by ftforget, with PEFT's A copied into ftforget's."""
+    torch.manual_seed(0)
+    ours = LoRA(r=r, alpha=alpha, targets=own_targets, num_classes=5, **TINY_ARGS)
+    torch.manual_seed(0)
+    theirs = PeftMethod(
+        peft_config=peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=peft_targets),
+        num_classes=5,
+        **TINY_ARGS,
+    )
+    assert torch.equal(ours.head.weight, theirs.head.weight)
+    return ours, theirs
+
+
+def _train(module, steps, lr=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    module.train()
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+    return module.eval()
+
+
+def test_peft_lora_on_plain_linears_equals_ftforgets_lora_after_identical_steps():
+    """On ``proj``, ``fc1`` and ``fc2`` both are ``W x + scale * B A x`` with one (A, B) per layer: the
+    same A, B = 0 and the same steps give the same network (up to the order of float operations)."""
+    ours, theirs = _pair(["attn.proj", "fc1", "fc2"], ["proj", "fc1", "fc2"])
+    layers = dict(theirs.backbone.named_modules())
+    for name, module in ours.backbone.named_modules():
+        if hasattr(module, "lora_A"):
+            (key,) = module.lora_A.keys()
+            with torch.no_grad():
+                module.lora_A[key].copy_(layers[name].lora_A["default"].weight)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(ours.eval().features(x), theirs.eval().features(x))  # identities at init
+    _train(ours, 6), _train(theirs, 6)
+    diff = (ours.features(x) - theirs.features(x)).abs().max().item()
+    assert diff <= 1e-5
+    assert not torch.equal(ours.features(x), FullFineTuning(num_classes=5, **TINY_ARGS).eval().features(x))
+
+
+def test_peft_lora_on_qkv_agrees_on_q_and_v_and_must_differ_on_k():
+    """PEFT adapts the whole fused qkv with one A; ftforget's paper LoRA has its own A for q and for v and
+    leaves k alone. With A_q = A_v = PEFT's A, the first SGD step (from B = 0, where only B has a gradient)
+    gives PEFT's B exactly ftforget's B_q and B_v in the q and v rows, and a non-zero k block that ftforget
+    cannot have: from then on the networks differ."""
+    ours, theirs = _pair(["qkv"], ["q", "v"])
+    dim = TINY_ARGS["backbone_kwargs"]["embed_dim"]
+    for block, peft_block in zip(ours.backbone.blocks, theirs.backbone.blocks, strict=True):
+        with torch.no_grad():
+            for key in ("q", "v"):
+                block.attn.qkv.lora_A[key].copy_(peft_block.attn.qkv.lora_A["default"].weight)
+    _train(ours, 1, lr=0.5), _train(theirs, 1, lr=0.5)
+    for block, peft_block in zip(ours.backbone.blocks, theirs.backbone.blocks, strict=True):
+        b = peft_block.attn.qkv.lora_B["default"].weight
+        torch.testing.assert_close(b[:dim], block.attn.qkv.lora_B["q"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b[2 * dim :], block.attn.qkv.lora_B["v"], atol=1e-6, rtol=0)
+        assert b[dim : 2 * dim].abs().max() > 1e-4  # the k rows moved
+    x = torch.randn(4, 3, 32, 32)
+    assert (ours.features(x) - theirs.features(x)).abs().max() > 1e-4
+    # merged, PEFT's k rows of the qkv weight changed; ftforget's did not
+    with torch.no_grad(), peft_merged(theirs.backbone), ours.merged():
+        for block, peft_block in zip(ours.backbone.blocks, theirs.backbone.blocks, strict=True):
+            base = block.attn.qkv.base.weight
+            assert not torch.equal(peft_block.attn.qkv.base_layer.weight[dim : 2 * dim], base[dim : 2 * dim])
+
+
+# --------------------------------------------------------------------------- merge, disable, knob
+def _trained_peft(config, steps=3):
+    torch.manual_seed(0)
+    return _train(PeftMethod(peft_config=config, num_classes=5, **TINY_ARGS), steps)
+
+
+MERGEABLE = {
+    "lora": lambda: peft.LoraConfig(r=2, target_modules=["qkv", "fc1"]),
+    "dora": lambda: peft.LoraConfig(r=2, target_modules=["qkv"], use_dora=True),
+    "loha": lambda: peft.LoHaConfig(r=2, target_modules=["qkv"]),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["qkv"]),
+    "ia3": lambda: peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"]),
+    "vera": lambda: peft.VeraConfig(r=16, target_modules=["qkv"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGEABLE))
+def test_inference_merges_and_restores_the_base_bit_for_bit(name):
+    module = _trained_peft(MERGEABLE[name]())
+    x = torch.randn(4, 3, 32, 32)
+    unmerged = module.features(x)
+    before = copy.deepcopy(module.state_dict())
+    with torch.no_grad(), module.inference_context():
+        assert all(layer.merged for layer in tuner_layers(module.backbone))
+        merged = module.features(x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.merged for layer in tuner_layers(module.backbone))
+    assert torch.equal(module.features(x), unmerged)
+
+
+def test_adapters_off_is_the_pretrained_network_and_leaves_training_flags():
+    module = _trained_peft(MERGEABLE["dora"]())
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    pretrained = FullFineTuning(num_classes=5, **TINY_ARGS).eval()
+    with torch.no_grad(), module.pretrained_context():
+        assert torch.equal(module.features(x), pretrained.features(x))
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
+    assert not torch.equal(module.features(x), pretrained.features(x))
+
+
+def test_pissa_has_no_pretrained_context():
+    """PiSSA moves the principal part of W into the adapter: adapters off is not the pretrained network."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["qkv"], init_lora_weights="pissa")
+    module = PeftMethod(peft_config=config, num_classes=5, **TINY_ARGS)
+    assert module.pretrained_context() is None
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "vera"])
+def test_knob_is_exact_at_both_ends_and_scales_lora_linearly(name):
+    start = _trained_peft(MERGEABLE[name](), steps=0)
+    end = _trained_peft(MERGEABLE[name]())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(knob_model(end, start, 1.0).features(x), end.features(x))
+        assert torch.equal(knob_model(end, start, 0.0).features(x), start.eval().features(x))
+    if name == "lora":  # the update scale * B A, times a: the merged weight moves linearly in a
+        half = knob_model(end, start, 0.5)
+        layer_end, layer_half = end.backbone.blocks[0].attn.qkv, half.backbone.blocks[0].attn.qkv
+        delta_end = layer_end.get_delta_weight("default")
+        torch.testing.assert_close(layer_half.get_delta_weight("default"), 0.5 * delta_end, atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------- the vision classics
+def test_vpt_shallow_is_the_frozen_vit_on_the_sequence_with_prompts_after_cls():
+    """A known answer: the prompts go after the CLS token, through every original block, and are dropped
+    before the final norm; the feature is the CLS token."""
+    torch.manual_seed(0)
+    vpt = VisualPromptTuning(num_prompts=3, deep=False, num_classes=5, **TINY_ARGS).eval()
+    torch.manual_seed(0)
+    plain = FullFineTuning(num_classes=5, **TINY_ARGS).eval().backbone
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = plain._pos_embed(plain.patch_embed(x))
+        prompts = vpt.prompts[0].unsqueeze(0).expand(2, -1, -1)
+        seq = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)
+        for block in plain.blocks:
+            seq = block(seq)
+        expected = plain.norm(torch.cat([seq[:, :1], seq[:, 4:]], dim=1))[:, 0]
+        torch.testing.assert_close(vpt.features(x), expected, atol=0, rtol=0)
+        # the prompts matter: other prompts, another feature
+        vpt.prompts[0].add_(1.0)
+        assert not torch.equal(vpt.features(x), expected)
+
+
+def test_vpt_deep_replaces_the_prompts_at_every_block():
+    torch.manual_seed(0)
+    vpt = VisualPromptTuning(num_prompts=2, deep=True, num_classes=5, **TINY_ARGS).eval()
+    seen = []
+    for block in vpt.backbone.blocks:
+        block.block.register_forward_hook(lambda m, args, out: seen.append(args[0][:, 1:3].detach().clone()))
+    with torch.no_grad():
+        vpt.features(torch.randn(2, 3, 32, 32))
+    assert len(seen) == len(vpt.prompts) == TINY_ARGS["backbone_kwargs"]["depth"]
+    for tokens, prompts in zip(seen, vpt.prompts, strict=True):  # each block reads its own prompts
+        assert torch.equal(tokens, prompts.unsqueeze(0).expand(2, -1, -1))
+
+
+def test_adaptformer_and_ssf_and_bitfit_change_only_what_they_declare():
+    torch.manual_seed(0)
+    adapt = AdaptFormer(bottleneck=4, num_classes=5, **TINY_ARGS)
+    assert all(isinstance(b.norm2, torch.nn.Identity) for b in adapt.backbone.blocks)
+    assert all(torch.count_nonzero(a.up.weight) == 0 for a in adapt.adapters)
+    with adapt.adapter_disabled():
+        assert all(a.scale == 0.0 for a in adapt.adapters)
+    assert all(a.scale == 0.1 for a in adapt.adapters)
+    ssf = SSF(num_classes=5, **TINY_ARGS)
+    assert len(ssf.ssf_layers) == 2 + 6 * TINY_ARGS["backbone_kwargs"]["depth"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (AdaptFormer, {"bottleneck": 0}, "bottleneck must be >= 1"),
+        (VisualPromptTuning, {"num_prompts": 0}, "num_prompts must be >= 1"),
+        (PeftMethod, {"peft_config": {"class_path": "peft.NoSuchConfig"}}, "not a config class of peft"),
+        (PeftMethod, {"peft_config": {"class_path": "os.path"}}, "not a config class of peft"),
+        (
+            PeftMethod,
+            {"peft_config": {"class_path": "peft.LoraConfig", "init_args": {"rank": 8}}},
+            r"\['rank'\]",
+        ),
+        (PeftMethod, {"peft_config": peft.LoraConfig(target_modules=["nothing"])}, "nothing"),
+        (PeftMethod, {"peft_config": peft.LoraConfig(target_modules=["qkv"], bias="all")}, "BitFit"),
+        (PeftMethod, {"peft_config": peft.PromptTuningConfig(num_virtual_tokens=4)}, "VisualPromptTuning"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(num_classes=5, **TINY_ARGS, **kwargs)
+
+
+# --------------------------------------------------------------------------- labels, checkpoints, CLI
+def test_the_config_is_stored_as_plain_values_and_rebuilds_the_same():
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["qkv", "fc1"], use_dora=True)
+    spec = config_spec(config)
+    assert spec == {
+        "class_path": "peft.LoraConfig",
+        "init_args": {"r": 4, "lora_alpha": 16, "target_modules": ["fc1", "qkv"], "use_dora": True},
+    }
+    assert config_spec(build_config(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("lora_qkv", "PEFT LoRA r=8 (qkv)"),
+        ("lora_all", "PEFT LoRA r=2 (attn.proj,fc1,fc2,qkv)"),
+        ("dora", "PEFT DoRA r=8 (qkv)"),
+        ("pissa", "PEFT LoRA (pissa init) r=8 (qkv)"),
+        ("adalora", "PEFT AdaLoRA init_r=12 target_r=8 (qkv)"),
+        ("oft", "PEFT OFT oft_block_size=64 (qkv)"),
+        ("bitfit", "BitFit"),
+        ("adaptformer", "AdaptFormer b=16"),
+        ("vpt_deep", "VPT-deep 32 prompts"),
+        ("vpt_shallow", "VPT-shallow 50 prompts"),
+    ],
+)
+def test_report_labels_name_the_method_and_its_key_settings(name, label):
+    model = yaml.safe_load((PEFT_DIR / f"{name}.yaml").read_text())["model"]
+    assert method_label(model["class_path"], model.get("init_args") or {}) == label
+
+
+def test_a_checkpoint_rebuilds_the_peft_method(tmp_path, random_images):
+    torch.manual_seed(0)
+    module = PeftMethod(
+        peft_config=peft.LoraConfig(r=2, target_modules=["qkv"], use_dora=True), num_classes=5, **TINY_ARGS
+    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, random_images)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = load_method(tmp_path / "m.ckpt")
+    assert isinstance(loaded, PeftMethod)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(loaded.features(x), module.eval().features(x))
+    assert loaded.hparams.peft_config == config_spec(module.peft_tuner.peft_config["default"])
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_every_shipped_peft_config_parses(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(PEFT_DIR / f"{name}.yaml"), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("ftforget.methods.")
+    assert printed["trainer"]["logger"]["init_args"]["name"] == f"peft_{name}"
+    if printed["model"]["class_path"] == "ftforget.methods.PeftMethod":
+        assert printed["model"]["init_args"]["peft_config"]["class_path"].startswith("peft.")
+
+
+def test_an_unknown_peft_option_fails_at_parsing(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(PEFT_DIR / "lora_qkv.yaml"),
+                "--model.init_args.peft_config.init_args.rank",
+                "4",
+            ]
+        )
+    assert info.value.code == 2
+    assert "rank" in capsys.readouterr().err
