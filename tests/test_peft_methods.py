@@ -28,7 +28,12 @@ from ftforget.methods.knob import knob_model
 from ftforget.methods.peft_method import build_config, config_spec
 from ftforget.methods.registry import load_method, method_label
 from ftforget.sweep import PEFT_CONFIGS, preset
+from ftforget.tasks.delta import state_hash
+from ftforget.tasks.exported import attach_task, make_task
+from ftforget.tasks.peft_format import HEAD_FILE, export_peft, load_peft
 from tests.helpers import quiet_trainer
+from tests.test_methods import PEFT_CONFIGS as PEFT_TEST_CONFIGS
+from tests.test_methods import _id, _make
 from tests.tiny import TINY_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,3 +376,72 @@ def test_an_unknown_peft_option_fails_at_parsing(capsys):
         )
     assert info.value.code == 2
     assert "rank" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ export, attach, PEFT's format
+NEW_METHODS = [
+    *[(PeftMethod, {"peft_config": make}) for make in PEFT_TEST_CONFIGS.values()],
+    (BitFit, {}),
+    (SSF, {}),
+    (AdaptFormer, {"bottleneck": 4}),
+    (VisualPromptTuning, {"num_prompts": 3, "deep": True}),
+    (VisualPromptTuning, {"num_prompts": 3, "deep": False}),
+]
+
+
+def _perturbed(cls, kwargs):
+    """A method whose every trainable tensor moved away from its init (as after training), in eval mode."""
+    module = _make(cls, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _base_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # _make's seed: the same base weights
+    return FullFineTuning(num_classes=5, **TINY_ARGS).backbone.state_dict()
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), NEW_METHODS, ids=[_id(c, kw) for c, kw in NEW_METHODS])
+def test_export_then_attach_is_bit_identical(cls, kwargs):
+    """ftforget's task file: the trainable tensors only; attached onto the base it computes the same logits
+    (PEFT's base_layer, SSF's op, AdaptFormer's moved norm and VPT's block wrappers mapped back onto the
+    base; VeRA's projections and AdaLoRA's rank numbers rebuilt by construction)."""
+    module = _perturbed(cls, kwargs)
+    base = _base_state()
+    task = make_task(module, state_hash(base))
+    assert set(task.tensors) == {n for n, p in module.named_parameters() if p.requires_grad}
+    attached = attach_task(task, base)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(attached(x), module(x))
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_TEST_CONFIGS))
+def test_peft_format_loads_with_peft_from_pretrained_bit_identical(name, tmp_path):
+    module = _perturbed(PeftMethod, {"peft_config": PEFT_TEST_CONFIGS[name]})
+    export_peft(module, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", HEAD_FILE} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()
+    }
+    torch.manual_seed(0)
+    base = FullFineTuning(num_classes=5, **TINY_ARGS).backbone  # a plain timm model with the base weights
+    peft_model, head = load_peft(tmp_path / "adapter", base)
+    assert isinstance(peft_model, peft.PeftModel)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(head(peft_model(x)), module(x))
+
+
+def test_peft_format_refuses_what_is_no_peft_adapter_of_the_original_weights(tmp_path):
+    with pytest.raises(ValueError, match="not a PeftMethod"):
+        export_peft(_make(BitFit), tmp_path / "a")
+    pissa = _make(
+        PeftMethod,
+        peft_config=lambda: peft.LoraConfig(r=2, target_modules=["qkv"], init_lora_weights="pissa"),
+    )
+    with pytest.raises(ValueError, match="PiSSA"):
+        export_peft(pissa, tmp_path / "b")
