@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ftforget.adapters.intruders import find_intruders, reduce_intruders
 from ftforget.adapters.peft_layers import peft_merged, tuner_layers
 from ftforget.commands import main
 from ftforget.methods import (
@@ -30,6 +31,7 @@ from ftforget.methods.registry import load_method, method_label
 from ftforget.sweep import PEFT_CONFIGS, preset
 from ftforget.tasks.delta import state_hash
 from ftforget.tasks.exported import attach_task, make_task
+from ftforget.tasks.intruders import layer_intruders
 from ftforget.tasks.peft_format import HEAD_FILE, export_peft, load_peft
 from tests.helpers import quiet_trainer
 from tests.test_methods import PEFT_CONFIGS as PEFT_TEST_CONFIGS
@@ -445,3 +447,50 @@ def test_peft_format_refuses_what_is_no_peft_adapter_of_the_original_weights(tmp
     )
     with pytest.raises(ValueError, match="PiSSA"):
         export_peft(pissa, tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIGS)
+def test_every_demo_peft_config_parses_with_the_demos_common_settings(name, capsys):
+    demo = ROOT / "configs" / "demo"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(demo / "peft" / f"{name}.yaml"), "--config", str(demo / "common.yaml"), "--print_config"])  # fmt: skip
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["backbone_kwargs"]["depth"] == 4
+    assert printed["optimizer"]["init_args"]["lr"] == 0.1
+    assert printed["trainer"]["max_steps"] == 500
+
+
+# ------------------------------------------------------------------------------- intruder dimensions
+def test_intruders_known_answer():
+    """W0 = diag(6, 5, 4, 3, 2, 1); W1 adds 20 u e1^T with u = (e5 + e6) / sqrt 2: a new direction with the
+    largest singular value, whose cosine with every singular vector of W0 (the standard basis) is between
+    0.5 and 0.75: an intruder at epsilon 0.75, not at 0.5. Removing it leaves W1's other singular values."""
+    n = 6
+    w0 = torch.diag(torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    u = torch.zeros(n, dtype=torch.float64)
+    u[4] = u[5] = 2**-0.5  # half in e5, half in e6: cosine 1/sqrt(2) with each
+    v = torch.zeros(n, dtype=torch.float64)
+    v[0] = 1.0
+    w1 = w0 + 20.0 * torch.outer(u, v)
+    strict = find_intruders(w0, w1, top_k=1, epsilon=0.5)
+    loose = find_intruders(w0, w1, top_k=1, epsilon=0.75)
+    assert strict.count == 0 and loose.indices == [0]
+    # W0's singular vectors are the standard basis: the similarity is the largest entry of W1's top vector
+    top = torch.linalg.svd(w1)[0][:, 0]
+    assert loose.similarity[0] == pytest.approx(float(top.abs().max()), abs=1e-12)
+    assert 0.5 < loose.similarity[0] < 0.75
+    assert torch.equal(reduce_intruders(w0, w1, 1.0, top_k=1, epsilon=0.75), w1)
+    removed = reduce_intruders(w0, w1, 0.0, top_k=1, epsilon=0.75)
+    s1 = torch.linalg.svdvals(w1)
+    torch.testing.assert_close(torch.linalg.svdvals(removed)[: n - 1], s1[1:], atol=1e-10, rtol=0)
+    assert find_intruders(w0, w0).count == 0  # a weight is no intruder of itself
+
+
+def test_layer_intruders_of_lora_cover_exactly_the_adapted_weights():
+    start = _trained_peft(peft.LoraConfig(r=2, target_modules=["qkv"]), steps=0)
+    end = _trained_peft(peft.LoraConfig(r=2, target_modules=["qkv"]), steps=3)
+    found = layer_intruders(end, start, top_k=4, epsilon=0.5)
+    depth = TINY_ARGS["backbone_kwargs"]["depth"]
+    assert sorted(found) == [f"blocks.{i}.attn.qkv.weight" for i in range(depth)]  # the base's names
+    assert all(len(f.similarity) == 4 for f in found.values())
