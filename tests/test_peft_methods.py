@@ -32,6 +32,7 @@ from ftforget.sweep import PEFT_CONFIGS, preset
 from ftforget.tasks.delta import state_hash
 from ftforget.tasks.exported import attach_task, make_task
 from ftforget.tasks.intruders import layer_intruders
+from ftforget.tasks.multitask import MultiTaskModel
 from ftforget.tasks.peft_format import HEAD_FILE, export_peft, load_peft
 from tests.helpers import quiet_trainer
 from tests.test_methods import PEFT_CONFIGS as PEFT_TEST_CONFIGS
@@ -494,3 +495,20 @@ def test_layer_intruders_of_lora_cover_exactly_the_adapted_weights():
     depth = TINY_ARGS["backbone_kwargs"]["depth"]
     assert sorted(found) == [f"blocks.{i}.attn.qkv.weight" for i in range(depth)]  # the base's names
     assert all(len(f.similarity) == 4 for f in found.values())
+
+
+SWITCHED = NEW_METHODS[:2] + NEW_METHODS[-5:]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), SWITCHED, ids=[_id(c, kw) for c, kw in SWITCHED])
+def test_the_multitask_model_switches_to_a_new_method_and_back_exactly(cls, kwargs):
+    module = _perturbed(cls, kwargs)
+    torch.manual_seed(0)
+    base = FullFineTuning(num_classes=5, **TINY_ARGS).backbone.eval()
+    reference = copy.deepcopy(base)
+    multi = MultiTaskModel(base)
+    multi.add_task("new", make_task(module, state_hash(base.state_dict())))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(multi(x, "new"), module(x))
+        assert torch.equal(multi.features(x, None), reference(x))
