@@ -72,7 +72,8 @@ PEFT_CONFIGS = {
     "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["qkv"]),
     "ia3": lambda: peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"]),
     "vera": lambda: peft.VeraConfig(r=16, target_modules=["qkv"]),
-    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=20, target_modules=["qkv"]),
+    # total_step: the max_steps of the trainability test
+    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=4, target_modules=["qkv"]),
 }
 IDENTITY_METHODS = [
     *METHODS,

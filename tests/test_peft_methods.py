@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import lightning as L
 import peft
 import pytest
 import torch
@@ -512,3 +513,24 @@ def test_the_multitask_model_switches_to_a_new_method_and_back_exactly(cls, kwar
     with torch.no_grad():
         assert torch.equal(multi(x, "new"), module(x))
         assert torch.equal(multi.features(x, None), reference(x))
+
+
+def test_adalora_needs_its_total_step_to_be_the_fits_and_adds_its_orthogonality_penalty(
+    tmp_path, random_images
+):
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=5, target_modules=["qkv"])
+    torch.manual_seed(0)
+    module = PeftMethod(peft_config=config, num_classes=5, **TINY_ARGS)
+    with pytest.raises(ValueError, match=r"total_step \(5\) must equal trainer.max_steps \(3\)"):
+        quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, random_images)
+    logged = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    quiet_trainer(tmp_path, max_steps=5, limit_val_batches=0, callbacks=[Record()]).fit(module, random_images)
+    assert logged["train/loss_orth"] > 0
+    assert logged["train/loss"] == pytest.approx(
+        logged["train/loss_ce"] + logged["train/loss_orth"], rel=1e-6
+    )

@@ -17,6 +17,7 @@ expression also work, as in PEFT). Which rows of the fused ``qkv`` each PEFT met
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from contextlib import AbstractContextManager, nullcontext
@@ -88,7 +89,7 @@ def build_config(spec: PeftConfig | dict[str, Any]) -> PeftConfig:
         ValueError: the class is not a PEFT config of the installed peft, or an option is unknown.
     """
     if isinstance(spec, PeftConfig):
-        return spec
+        return copy.deepcopy(spec)  # PEFT's tuner edits its config (e.g. target_modules into a set)
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(
             f"model.peft_config: expected a PEFT config or {{class_path, init_args}}, got {spec!r}"
@@ -212,6 +213,33 @@ class PeftMethod(FineTuningModule):
                 p.copy_(torch.lerp(starts[name].to(p.device, p.dtype), p, a))
         for layer in scaled:
             layer.scaling[ADAPTER] = layer.scaling[ADAPTER] * a
+
+    def method_loss_terms(self) -> dict[str, torch.Tensor]:
+        """AdaLoRA's orthogonality penalty, as ``AdaLoraModel.forward`` adds it (``train/loss_orth``):
+        ``orth_reg_weight`` times the mean over its A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F``."""
+        weight = float(getattr(self.peft_tuner.peft_config[ADAPTER], "orth_reg_weight", 0.0) or 0.0)
+        if not isinstance(self.peft_tuner, peft.AdaLoraModel) or weight == 0:
+            return {}
+        norms = []
+        for layer in tuner_layers(self.backbone):
+            for a in _params(layer, "lora_A"):
+                norms.append(
+                    torch.linalg.matrix_norm(a @ a.T - torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+                )
+            for b in _params(layer, "lora_B"):
+                norms.append(
+                    torch.linalg.matrix_norm(b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device))
+                )
+        return {"orth": weight * torch.stack(norms).mean()}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        total = getattr(self.peft_tuner.peft_config[ADAPTER], "total_step", None)
+        if isinstance(self.peft_tuner, peft.AdaLoraModel) and total != self.trainer.max_steps:
+            raise ValueError(
+                f"model.peft_config: AdaLoRA's total_step ({total}) must equal trainer.max_steps "
+                f"({self.trainer.max_steps}): its rank budget follows that schedule"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # AdaLoRA reallocates its ranks from the gradients of the step just taken (before they are zeroed).
