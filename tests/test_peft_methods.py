@@ -535,3 +535,16 @@ def test_adalora_needs_its_total_step_to_be_the_fits_and_adds_its_orthogonality_
     assert logged["train/loss"] == pytest.approx(
         logged["train/loss_ce"] + logged["train/loss_orth"], rel=1e-6
     )
+
+
+@pytest.mark.parametrize("init", [False, "pissa"])
+def test_adapters_that_do_not_start_at_zero_have_no_pretrained_context_and_a_lerp_knob(init):
+    """A random (``false``) or PiSSA init is no identity: adapters off is not step 0, and the knob moves the
+    adapter tensors themselves (a = 0 is the step-0 network exactly, scaling would not give it)."""
+    make = lambda: peft.LoraConfig(r=2, target_modules=["qkv"], init_lora_weights=init)  # noqa: E731
+    start, end = _trained_peft(make(), steps=0), _trained_peft(make(), steps=3)
+    assert not end.starts_as_identity and end.pretrained_context() is None
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(knob_model(end, start, 0.0).features(x), start.eval().features(x))
+        assert torch.equal(knob_model(end, start, 1.0).features(x), end.features(x))

@@ -189,21 +189,33 @@ class PeftMethod(FineTuningModule):
         init = getattr(self.peft_tuner.peft_config[ADAPTER], "init_lora_weights", True)
         return not isinstance(init, str) or init == "gaussian"
 
+    @property
+    def starts_as_identity(self) -> bool:
+        """Whether the adapters start as the identity, so that step 0 is the pretrained network: PEFT's
+        default inits (``init_lora_weights``, ``init_weights``, ``init_ia3_weights`` true, or LoRA's
+        ``gaussian``); false for random inits (``false``) and for PiSSA-like ones."""
+        config = self.peft_tuner.peft_config[ADAPTER]
+        for name in ("init_lora_weights", "init_weights", "init_ia3_weights"):
+            if hasattr(config, name):
+                value = getattr(config, name)
+                return value is True or value == "gaussian"
+        return False
+
     def pretrained_context(self) -> AbstractContextManager | None:
-        """PEFT's adapters switched off: the pretrained function, with no copy of any weight (None where the
-        init changed the base weights, see :attr:`base_untouched`)."""
-        return peft_disabled(self.backbone) if self.base_untouched else None
+        """PEFT's adapters switched off: the step-0 (pretrained) function, with no copy of any weight; None
+        where the adapters do not start as the identity (:attr:`starts_as_identity`)."""
+        return peft_disabled(self.backbone) if self.starts_as_identity else None
 
     @torch.no_grad()
     def apply_knob(self, start: FineTuningModule, a: float) -> None:
         """The knob for PEFT adapters. LoRA-type adapters whose ``B`` starts at zero (LoRA, DoRA's low-rank
-        part, AdaLoRA; default or ``gaussian`` init): the adapter scale times ``a``, since the update
+        part, AdaLoRA; :attr:`starts_as_identity`): the adapter scale times ``a``, since the update
         ``scale * B @ A`` is all that changed. Every other adapter parameter (DoRA's magnitudes, LoHa, LoKr,
         OFT, BOFT, IA3, VeRA, and PiSSA-like inits whose ``B`` does not start at zero): ``W0 + a (W1 - W0)``,
         ``W0`` its step-0 value. ``a = 0`` is the step-0 network and ``a = 1`` the checkpoint, exactly."""
         from peft.tuners.lora import LoraLayer
 
-        layers = tuner_layers(self.backbone) if self.base_untouched else []
+        layers = tuner_layers(self.backbone) if self.starts_as_identity else []
         scaled = [layer for layer in layers if isinstance(layer, LoraLayer)]
         keep = {id(p) for layer in scaled for n in ("lora_A", "lora_B", "lora_E") for p in _params(layer, n)}
         self.check_knob_start(start)
