@@ -29,9 +29,10 @@ class FTForgetCheckpoint(ModelCheckpoint):
       validation has produced the monitored metric yet; Lightning defers both its step checkpoint and
       ``last.ckpt`` until a validation when the monitored metric is missing, so a fit killed before its
       first validation had none. The best checkpoint on ``monitor`` is chosen at validation, as before.
-    - is written at the end of training whenever the last one saved is of an earlier step: Lightning
-      writes it only at validation (and at the end only if none was written), so a fit whose last
-      validation came before its last step left ``last.ckpt`` behind the final weights.
+    - is written at the end of training whenever the last one saved is of an earlier step, or was saved by
+      the final step's validation: Lightning writes it only at validation (and at the end only if none was
+      written), so a fit whose last validation came before its last step left ``last.ckpt`` behind the
+      final weights, and one saved inside a validation resumes its logging one step too low.
     - is left as it was when a fit stops on an exception (a crash, a non-finite loss, Ctrl-C): that state
       may be broken (e.g. Ctrl-C during an optimizer step) and goes to ``interrupted-step<N>.ckpt`` only;
       ``ftforget fit --resume`` goes on from ``last.ckpt``. The one exception is SIGTERM, which Lightning
@@ -111,11 +112,14 @@ class FTForgetCheckpoint(ModelCheckpoint):
         rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {filepath}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Writes ``last.ckpt`` of the final step unless it holds that step already."""
-        if self.save_last and trainer.global_step not in (
-            self._last_global_step_saved,
-            self._periodic_last_step,
-        ):
+        """Writes ``last.ckpt`` of the final step unless it holds that step already, saved after the step.
+
+        One saved by the validation of the final step is written again: Lightning saves a validation's
+        checkpoint before it counts the step as logged, and a fit continued from it (``--resume`` with a
+        higher ``max_steps``) would log every step one too low, over the last logged one.
+        """
+        saved = (self._last_global_step_saved, self._periodic_last_step)
+        if self.save_last and (trainer.global_step not in saved or self._validated_at == trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)

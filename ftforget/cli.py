@@ -48,6 +48,8 @@ from ftforget.runs import (
     release_runs,
     resolve_checkpoint,
 )
+from ftforget.slurm import keep_running_on_usr1, under_slurm, with_cluster_environment
+from ftforget.validation import LastStepValidation
 
 
 class FTForgetCLI(LightningCLI):
@@ -177,10 +179,17 @@ class FTForgetCLI(LightningCLI):
                     f"{run_dir}, or give the new run another --trainer.logger.init_args.version"
                 )
         lock_run(run_dir)
+        # Lightning's fallback directory, where under SLURM a fit without ckpt_path would load the newest
+        # hpc_ckpt_<n>.ckpt it finds: the run's own directory, never a working directory shared with other
+        # runs (Trainer(default_root_dir=...) comes before the logger that names the run, hence here).
+        self.trainer._default_root_dir = str(run_dir)
+        self.owned_run_dir = run_dir  # every rank knows it: no collective needed to ask later
 
     def before_fit(self) -> None:
         self._preflight("fit")
         self._own_run_dir()
+        if under_slurm():
+            keep_running_on_usr1()  # SLURM's warning signal must not kill the fit (ftforget.slurm)
 
     def _log_at_checkpoint_step(self) -> None:
         # Lightning restores only the weights for validate/test and logs at step 0; the run's curves need
@@ -215,14 +224,18 @@ class FTForgetCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's, with ftforget's step-counting bar where Lightning would add its default bar, the
-        non-finite loss guard, and atomic checkpoint writes unless a CheckpointIO plugin is configured."""
+        non-finite loss guard, a validation at the last training step (:mod:`ftforget.validation`), and atomic
+        checkpoint writes unless a CheckpointIO plugin is configured."""
         trainer = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault(
             "callbacks",
             [*with_default_progress_bar(trainer.get("callbacks"), trainer.get("enable_progress_bar")),
-             NonFiniteLossGuard()],
+             NonFiniteLossGuard(), LastStepValidation()],
         )  # fmt: skip
-        kwargs.setdefault("plugins", with_atomic_checkpoint_io(trainer.get("plugins")))
+        # Inside a SLURM job: Lightning's SLURM environment without its own requeue (ftforget.slurm's instead)
+        kwargs.setdefault(
+            "plugins", with_cluster_environment(with_atomic_checkpoint_io(trainer.get("plugins")))
+        )
         if self.subcommand == "fit" and trainer.get("max_steps") == 0:
             raise ValueError("--trainer.max_steps 0: a fit of 0 optimizer steps trains nothing (give >= 1)")
         return super().instantiate_trainer(**kwargs)

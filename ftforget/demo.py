@@ -17,7 +17,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.plugins.environments import LightningEnvironment
 
 import ftforget
 from ftforget.data.digits import DigitsBankDataModule
@@ -98,6 +99,8 @@ def pretrain(settings: PretrainSettings) -> tuple[dict[str, torch.Tensor], float
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=settings.steps, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        # one process, also as one rank of a multi-process SLURM task (SLURM's world size is the fits')
+        plugins=[LightningEnvironment()],
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
     images, labels = data.bank_tensors()
@@ -106,26 +109,43 @@ def pretrain(settings: PretrainSettings) -> tuple[dict[str, torch.Tensor], float
     return model.backbone.state_dict(), accuracy
 
 
+def pretrained_path(settings: PretrainSettings, cache_dir: Path) -> Path:
+    """Where the pretrained backbone of ``settings`` is cached (whether or not it is there yet)."""
+    return cache_dir / f"{settings.backbone}-{settings.key()}.pth"
+
+
 def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
-    """The cached pretrained backbone for ``settings``, pretraining it first if there is none."""
-    path = cache_dir / f"{settings.backbone}-{settings.key()}.pth"
-    if path.is_file():
-        _say(f"pretrained backbone: reusing {path}")
-        return path
-    _say(f"pretraining the backbone on digits {settings.old_digits} ({settings.steps} steps) ...")
-    start = time.perf_counter()
-    state, train_acc = pretrain(settings)
-    # Written atomically: an interrupted run never leaves a truncated cache entry.
-    atomic_write(path, lambda f: torch.save(state, f))
-    seconds = time.perf_counter() - start
-    info = {"settings": asdict(settings), "bank_acc1": train_acc, "seconds": seconds}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    """The cached pretrained backbone for ``settings``, pretraining it first if there is none.
+
+    Safe when several processes ask at once (the tasks of a SLURM array, the ranks of one task): an
+    exclusive lock beside the file lets one of them pretrain while the others wait, then reuse its file.
+    """
+    import fcntl
+
+    path = pretrained_path(settings, cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if path.is_file():
+            _say(f"pretrained backbone: reusing {path}")
+            return path
+        _say(f"pretraining the backbone on digits {settings.old_digits} ({settings.steps} steps) ...")
+        start = time.perf_counter()
+        state, train_acc = pretrain(settings)
+        # Written atomically: an interrupted run never leaves a truncated cache entry.
+        atomic_write(path, lambda f: torch.save(state, f))
+        seconds = time.perf_counter() - start
+        info = json.dumps(
+            {"settings": asdict(settings), "bank_acc1": train_acc, "seconds": seconds}, indent=2
+        )
+        atomic_write(path.with_suffix(".json"), lambda f: f.write((info + "\n").encode()))
     _say(f"pretrained in {seconds:.0f}s (accuracy on its bank {100 * train_acc:.1f}%): {path}")
     return path
 
 
 def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSettings:
-    """Architecture and old domain from ``common.yaml`` (one source of truth), the rest from ``args``."""
+    """Architecture and old domain from ``common.yaml`` (one source of truth), the rest from ``args``
+    (``pretrain_steps``, and ``pretrain_seed`` or else ``seed``)."""
     common = yaml.safe_load((config_dir / "common.yaml").read_text())
     model, data = common["model"]["init_args"], common["data"]["init_args"]
     return PretrainSettings(
@@ -135,7 +155,7 @@ def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSet
         image_size=int(data["image_size"]),
         split_seed=int(data["split_seed"]),
         steps=args.pretrain_steps,
-        seed=args.seed,
+        seed=args.seed if getattr(args, "pretrain_seed", None) is None else args.pretrain_seed,
     )
 
 
@@ -147,17 +167,41 @@ def _say(message: str) -> None:
 def demo_runs(
     args: argparse.Namespace, methods: list[str], config_dir: Path, checkpoint: Path
 ) -> list[SweepRun]:
-    """The demo as a sweep: each method's config with ``common.yaml``, the pretrained backbone, the step
-    count and the log-spaced eval steps; tested on the last checkpoint (the final weights, the ones the
-    callback measured last: a row's two accuracies are of one model)."""
-    extra = [
+    """The demo as a sweep of one seed (``args.seed``): :func:`demo_sweep_runs` with the demo's options."""
+    return demo_sweep_runs(
+        args.output, methods, config_dir, checkpoint, args.steps, [args.seed], args.threads
+    )
+
+
+def demo_sweep_runs(
+    output: Path,
+    methods: Sequence[str],
+    config_dir: Path,
+    checkpoint: Path,
+    steps: int,
+    seeds: Sequence[int],
+    threads: int = 1,
+    test_ckpt: str = "last",
+    knob: Sequence[float] | None = KNOB,
+    extra: Sequence[str] = (),
+) -> list[SweepRun]:
+    """The demo's runs: each method's config with ``common.yaml``, the pretrained backbone (one for every
+    seed, as the real run's one DINO checkpoint), the step count and the log-spaced eval steps; tested on
+    the last checkpoint (the final weights, the ones the callback measured last: a row's two accuracies
+    are of one model). ``ftforget sweep --preset demo`` uses it too, so its runs are the demo's.
+
+    Args:
+        extra: further options for every fit, after the demo's own.
+    """
+    demo_extra = [
         *("--model.init_args.checkpoint", str(checkpoint)),
-        *("--trainer.max_steps", str(args.steps)),
-        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(args.steps))}",
-        *("--threads", str(args.threads)),
+        *("--trainer.max_steps", str(steps)),
+        f"--trainer.callbacks.eval_at_steps={json.dumps(eval_steps_until(steps))}",
+        *("--threads", str(threads)),
+        *extra,
     ]
     config_sets = [[config_dir / f"{m}.yaml", config_dir / "common.yaml"] for m in methods]
-    return build_runs(config_sets, [args.seed], args.output, extra, test_ckpt="last", knob=KNOB)
+    return build_runs(config_sets, seeds, output, demo_extra, test_ckpt=test_ckpt, knob=knob)
 
 
 def run_demo(

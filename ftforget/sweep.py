@@ -10,7 +10,7 @@ that a restarted sweep finds every run again and does only what is missing:
 - a run with all of these: nothing.
 
 Runs go one after another in this process (:func:`run_sweep`), or one SLURM array task each
-(:func:`slurm_script`); :func:`plan_commands` prints what would run.
+(:func:`slurm_script`, :mod:`ftforget.slurm`); :func:`plan_commands` prints what would run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ import yaml
 
 from ftforget.resources import config_dir, demo_config_dir
 from ftforget.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST, read_knob_points, read_test_results
+from ftforget.slurm import ArrayTask, SlurmOptions, array_script
+
+#: the sweep's logs of SLURM array tasks, under its output directory (outside the runs: a run directory
+#: that is started again from scratch is removed, its log is not)
+LOG_DIR = "logs"
 
 #: the paper's ten rows, in its table order
 PAPER_CONFIGS = (
@@ -55,7 +60,15 @@ def preset(name: str) -> list[list[Path]]:
 
 
 class SweepError(RuntimeError):
-    """A command of the sweep failed; the message names it (its own error was printed before)."""
+    """A command of the sweep failed; the message names it (its own error was printed before).
+
+    Attributes:
+        status: the command's exit status (128 + N when signal N stopped it), the sweep's own.
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -83,6 +96,11 @@ class SweepRun:
     @property
     def run_dir(self) -> Path:
         return self.output / self.name / f"seed{self.seed}"
+
+    @property
+    def log_file(self) -> Path:
+        """Where a SLURM array task of this run writes what it prints (appended over restarts)."""
+        return self.output / LOG_DIR / f"{self.name}-seed{self.seed}.log"
 
     def fit_args(self) -> list[str]:
         configs = [a for c in self.configs for a in ("--config", str(c))]
@@ -205,50 +223,27 @@ def run_sweep(
         for args in run.steps():
             code = stage(args)
             if code != 0:
-                raise RuntimeError(
-                    f"sweep: `{shlex.join(['ftforget', *args])}` failed with exit status {code}"
+                raise SweepError(
+                    f"sweep: `{shlex.join(['ftforget', *args])}` failed with exit status {code}", code
                 )
     return [run.run_dir for run in runs]
 
 
 def slurm_script(
-    runs: Sequence[SweepRun],
-    sweep_args: Sequence[str],
-    gpus: int = 1,
-    time: str = "24:00:00",
-    setup: str = "",
+    runs: Sequence[SweepRun], command: Sequence[str], fit_options: Sequence[str], options: SlurmOptions
 ) -> str:
-    """A SLURM job array with one task per run; each task brings its run to ``done``.
-
-    Each task runs ``ftforget sweep <sweep_args> --task $SLURM_ARRAY_TASK_ID`` under ``srun``, with one
-    process per GPU (Lightning reads the rank layout from SLURM). ``--requeue`` and ``--signal`` let
-    Lightning checkpoint before a preemption or the time limit and requeue the task, which then resumes.
+    """A SLURM job array with one task per run; each task brings its run to ``done`` (:mod:`ftforget.slurm`).
 
     Args:
         runs: the sweep (its length is the array size).
-        sweep_args: the ``ftforget sweep`` arguments that rebuild this sweep.
-        gpus: GPUs (and processes) per task; the fit's ``--trainer.devices`` must match.
-        time: the time limit of a task.
-        setup: shell lines run before the task (e.g. activating a virtual environment).
+        command: the ``ftforget sweep`` command line that rebuilds this sweep, without ``--task`` and the
+            options after ``--``.
+        fit_options: the options after ``--``, for every fit.
+        options: the resources of each task; the fits get the matching ``trainer.devices``.
+
+    Raises:
+        SlurmScriptError: an option or path that cannot be written into the script.
     """
     output = runs[0].output if runs else Path("runs")
-    command = shlex.join(["ftforget", "sweep", *sweep_args, "--task"]) + " $SLURM_ARRAY_TASK_ID"
-    lines = [
-        "#!/bin/bash",
-        "#SBATCH --job-name=ftforget-sweep",
-        f"#SBATCH --array=0-{len(runs) - 1}",
-        "#SBATCH --nodes=1",
-        f"#SBATCH --ntasks-per-node={gpus}",
-        f"#SBATCH --gpus-per-node={gpus}",
-        f"#SBATCH --time={time}",
-        "#SBATCH --requeue",
-        "#SBATCH --signal=SIGUSR1@90",
-        f"#SBATCH --output={output}/slurm-%A_%a.out",
-        "# One task per run; task i is:",
-        *(f"#   {i}: {run.name} seed {run.seed} -> {run.run_dir}" for i, run in enumerate(runs)),
-        "set -euo pipefail",
-        *([setup] if setup else []),
-        f"srun {command}",
-        "",
-    ]
-    return "\n".join(lines)
+    tasks = [ArrayTask(run.name, run.seed, run.run_dir, run.log_file) for run in runs]
+    return array_script(tasks, command, fit_options, Path.cwd(), output / LOG_DIR, options)

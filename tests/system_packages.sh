@@ -8,6 +8,9 @@ set -uo pipefail
 # program to look for -> Debian packages that bring it
 declare -A wanted=(
   [slurmctld]="slurm-wlm munge"
+  # headless Chromium for the TensorBoard/report page test; with --no-install-recommends it brings no
+  # fonts of its own, and DejaVu keeps the screenshots legible
+  [chromium]="chromium fonts-dejavu-core"
 )
 missing=()
 for program in "${!wanted[@]}"; do

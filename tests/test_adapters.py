@@ -108,6 +108,9 @@ def test_lora_merged_context_restores_and_disabled_context_gives_the_pretrained_
     assert not torch.allclose(adapted_out, base(X))
     with lora_disabled(model):
         assert torch.equal(model(X), base(X))
+        with lora_merged(model):  # how a measurement runs a LoRA model: a disabled adapter merges nothing
+            assert torch.equal(model(X), base(X))
+            assert not any(m.merged for m in lora_modules(model))
     with lora_merged(model):
         assert torch.allclose(model(X), adapted_out, atol=1e-5, rtol=0)
         with lora_disabled(model):

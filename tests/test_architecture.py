@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "methods": {"adapters", "backbones", "inference", "runs"},
     "forgetting": {"backbones", "files", "guards", "inference", "data.probe", "machine", "progress", "stats"},
     "report": {"files", "methods", "runs", "stats"},
+    "validation": {"methods"},  # the validation at a fit's last step; the methods' random-state helpers
     "cli": {
         "backbones",
         "config_files",
@@ -43,8 +44,11 @@ ALLOWED: dict[str, set[str]] = {
         "progress",
         "resources",
         "runs",
+        "slurm",
+        "validation",
     },
-    "sweep": {"resources", "runs"},
+    "slurm": set(),  # the job array script; a fit's behaviour inside a SLURM job
+    "sweep": {"resources", "runs", "slurm"},
     # one base, many tasks: export, attach, the multi-task model, routing, merging (issue 12)
     "tasks": {"adapters", "backbones", "data", "files", "forgetting", "methods", "runs"},
     "demo": {
@@ -75,6 +79,7 @@ ALLOWED: dict[str, set[str]] = {
         "report",
         "resources",
         "runs",
+        "slurm",
         "stats",
         "sweep",
         "tasks",

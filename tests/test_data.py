@@ -122,3 +122,30 @@ def test_digits_domains_are_disjoint_and_fixed():
 def test_bad_data_options_are_named(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         CIFAR100DataModule(root=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize(("n", "world"), [(179, 2), (180, 2), (7, 3), (3, 3)])
+def test_evaluation_shards_cover_each_sample_once(n: int, world: int) -> None:
+    """Under DDP each sample of a validation or test split is scored once: no padding (Lightning's
+    DistributedSampler repeats samples up to a multiple of the world size)."""
+    from ftforget.data.resumable import EvalShard
+
+    shards = [list(EvalShard(n, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError, match=f"split of {world - 1} samples cannot be shared by {world}"):
+        EvalShard(world - 1, 0, world)
+
+
+def test_evaluation_loaders_under_ddp_use_unpadded_shards() -> None:
+    from ftforget.data.resumable import EvalShard
+
+    data = DigitsDataModule(batch_size=64)
+    data.setup()
+    seen = []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning sets under DDP
+        loader = data.test_dataloader()
+        assert isinstance(loader.sampler, EvalShard) and loader.batch_size == 32
+        seen += [int(i) for i in loader.sampler]
+    assert sorted(seen) == list(range(len(data.dataset("test")))) == list(range(179))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,32 @@ def test_pretraining_is_cached_by_its_settings(tmp_path: Path, monkeypatch: pyte
     assert demo.pretrained_backbone(tiny_settings(), tmp_path) == path
     for changed in (tiny_settings(steps=3), tiny_settings(seed=1), tiny_settings(old_digits=[0, 1])):
         assert changed.key() != tiny_settings().key()
+
+
+def test_pretraining_asked_for_at_once_runs_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Array tasks (and the ranks of one task) that start together: one pretrains, the others wait and reuse."""
+    import threading
+
+    calls: list[int] = []
+
+    def slow_pretraining(settings: demo.PretrainSettings) -> tuple[dict, float]:
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for every other caller to arrive while it runs
+        return {"w": torch.arange(4.0)}, 1.0
+
+    monkeypatch.setattr(demo, "pretrain", slow_pretraining)
+    paths: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(demo.pretrained_backbone(tiny_settings(), tmp_path)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(calls) == 1 and len(paths) == 3 and len(set(paths)) == 1
+    assert torch.equal(torch.load(paths[0], weights_only=True)["w"], torch.arange(4.0))
+    assert json.loads(paths[0].with_suffix(".json").read_text())["bank_acc1"] == 1.0
 
 
 def test_pretraining_is_deterministic_and_trains() -> None:

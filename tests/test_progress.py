@@ -186,8 +186,13 @@ def test_cli_fit_logs_no_hp_metric_and_no_leafspec_warning(tmp_path):
             ]
         )
     assert not [w for w in caught if LEAFSPEC_WARNING in str(w.message)]
-    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    # Lightning's event file; the other one is ftforget's summary (tests/test_tensorboard.py)
+    (events,) = [
+        p for p in tmp_path.rglob("events.out.tfevents.*") if not p.name.endswith(".ftforget-summary")
+    ]
     assert b"hp_metric" not in events.read_bytes()
+    (summary,) = events.parent.glob("events.out.tfevents.*.ftforget-summary")  # written by the fit
+    assert b"_hparams_/session_start_info" in summary.read_bytes()
     assert b"train/loss" in events.read_bytes()  # the file is the run's
 
 

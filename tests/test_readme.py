@@ -80,6 +80,7 @@ def test_running_the_experiments_as_written(tmp_path: Path, backbone: Path, caps
     report = read_csv(tmp_path / "runs" / "report" / "forgetting_table.csv")
     (row,) = [r for r in report if str(runs / "version_0") in r["run"]]
     assert row["method"].startswith("LoRA r=8") and row["new_task_test_acc1"] not in ("", "None")
+    assert (tmp_path / "runs" / "report" / "report.html").is_file()  # --html
 
 
 def test_reproducing_the_table_commands_parse(tmp_path: Path, capsys) -> None:
@@ -128,3 +129,33 @@ def test_controlling_forgetting_as_written(tmp_path: Path, backbone: Path, capsy
     knob = read_csv(runs / "report" / "knob_points.csv")
     assert sorted({float(r["alpha"]) for r in knob}) == [0.0, 0.5, 0.9, 1.0]
     assert (runs / "report" / "stability_plasticity.png").is_file()
+
+
+def test_on_a_slurm_cluster_commands_write_the_scripts_they_describe(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The section's ``ftforget sweep --slurm`` lines write the scripts its table describes (the real cluster
+    runs them in tests/test_slurm_cluster.py); ``sbatch``, ``squeue`` and ``tail`` are SLURM's and the shell's."""
+    monkeypatch.chdir(tmp_path)
+    sweeps = [c for c in commands(section("On a SLURM cluster")) if c[0] == "sweep"]
+    assert [c[c.index("--slurm") + 1] for c in sweeps] == ["paper.sbatch", "demo.sbatch"]
+    for args in sweeps:
+        assert main(in_tmp(args, tmp_path)) == 0, shlex.join(args)
+        assert "Traceback" not in capsys.readouterr().err
+    paper = (tmp_path / "paper.sbatch").read_text().splitlines()
+    for line in ("#SBATCH --array=0-29", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G", "#SBATCH --time=24:00:00",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@90",
+                 "#SBATCH --open-mode=append", "source .venv/bin/activate"):  # fmt: skip
+        assert line in paper, line
+    demo = (tmp_path / "demo.sbatch").read_text()
+    assert (
+        "#SBATCH --array=0-11\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2\n#SBATCH --time=1:00:00\n"
+        in demo
+    )
+    assert "gpus" not in demo and "-- --trainer.devices 2 --trainer.accelerator cpu &" in demo
+    for script in ("paper.sbatch", "demo.sbatch"):
+        assert subprocess.run(["bash", "-n", str(tmp_path / script)]).returncode == 0
+    # the per-run log the section tails, and the directory SLURM writes its own logs into
+    assert f"  12) log={tmp_path}/runs/paper/logs/lora-seed0.log ;;" in paper  # the 5th row, seed 0
+    assert (tmp_path / "runs" / "paper" / "logs").is_dir()

@@ -123,10 +123,12 @@ def test_markdown_rows_and_order(tmp_path: Path) -> None:
     assert (
         lines[2] == "| full fine-tuning | 213,893 | 92.22 | 98.15 | 70.00 | 77.04 | 21.11 | 21.51 | 84.63 |"
     )
-    assert [p.name for p in report.files] == [
+    assert [p.name for p in report.files[:4]] == [
         "forgetting_table.md", "forgetting_table.csv", "forgetting_curves.png", "stability_plasticity.png"
     ]  # fmt: skip
-    for png in report.files[2:]:
+    (events,) = report.files[4:]  # the figures for TensorBoard (tests/test_tensorboard.py)
+    assert events.name.startswith("events.out.tfevents.") and events.name.endswith(".ftforget-report")
+    for png in report.files[2:4]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -277,6 +279,26 @@ def test_seed_group_is_one_row_with_mean_and_sample_std(tmp_path: Path) -> None:
     assert (float(csv_row["new_task_test_acc1"]), float(csv_row["new_task_test_acc1_std"])) == (0.75, 0.25)
     assert (float(csv_row["mean"]), float(csv_row["mean_std"])) == (0.6875, 0.1875)
     assert (float(csv_row["probe_acc_end"]), float(csv_row["probe_acc_end_std"])) == (0.625, 0.125)
+
+
+def test_seeds_that_start_from_different_bases_are_named(tmp_path: Path) -> None:
+    write_seed_group(tmp_path / "runs")  # one base: every seed's step-0 probe is 0.875
+    assert not any(n.startswith("Warning") for n in write_report([tmp_path / "runs"], tmp_path / "o").notes)
+    other = {**SEEDS[1][0], 0: 0.5}  # seed 1 started from another backbone
+    dirs = [write_run(tmp_path / "mixed" / f"s{seed}", "full", FULL, other if seed == 1 else curve,
+                      test_acc=test, config=seed_config(seed, "full", 0.1))
+            for seed, (curve, test) in SEEDS.items()]  # fmt: skip
+    report = write_report([tmp_path / "mixed"], tmp_path / "out")
+    (row,) = report.rows
+    assert row.n == 3
+    (warning,) = [n for n in report.notes if n.startswith("Warning")]
+    assert warning.startswith(
+        "Warning: the runs of 'full fine-tuning' start from different step-0 probe accuracies ("
+    )
+    for run_dir, value in zip(dirs, ("87.50", "50.00", "87.50"), strict=True):
+        assert f"{run_dir} ({value})" in warning
+    assert warning in report.markdown
+    assert warning in (tmp_path / "out" / "forgetting_table.md").read_text()
 
 
 def test_seed_group_curve_is_the_mean_with_a_std_band(tmp_path: Path) -> None:

@@ -72,6 +72,9 @@ def test_kill_between_checkpoints_then_resume_is_bit_identical(
     line = lambda r: (r["step"], r["top1"], r["top5"], r["new_task_val_acc1"])  # noqa: E731
     read = lambda run: [line(json.loads(x)) for x in (run / "forgetting.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(resumed) == read(whole)
+    # Both validate at the last step (ftforget.validation), with the same result.
+    validated = [load_run(r).scalars["val/acc1"] for r in (whole, resumed)]
+    assert sorted(validated[0]) == [STEPS] and validated[0] == validated[1]
     final = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (whole, resumed)]
     assert final[0]["global_step"] == final[1]["global_step"] == STEPS
     assert final[0]["state_dict"].keys() == final[1]["state_dict"].keys()

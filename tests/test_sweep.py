@@ -44,34 +44,40 @@ def test_dry_run_of_the_paper_preset(tmp_path: Path, capsys) -> None:
     ]
 
 
-def test_slurm_array_script(tmp_path: Path, capsys) -> None:
+def test_slurm_array_script(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     script = tmp_path / "sweep.sbatch"
     argv = ["sweep", "--preset", "paper", "--seeds", "0", "1", "2", "--output", "runs/paper", "--slurm", str(script),
             "--gpus", "4", "--time", "12:00:00", "--setup", "source .venv/bin/activate", "--",
-            "--config", "configs/forgetting.yaml", "--trainer.devices", "4"]  # fmt: skip
+            "--config", "configs/forgetting.yaml"]  # fmt: skip
     assert main(argv) == 0
     assert f"wrote {script}: 30 array tasks" in capsys.readouterr().out
     text = script.read_text()
     for line in ("#SBATCH --array=0-29", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --time=12:00:00", "#SBATCH --requeue", "#SBATCH --signal=SIGUSR1@90",
+                 "#SBATCH --time=12:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@90",
+                 f'#SBATCH --chdir="{tmp_path}"', f'#SBATCH --output="{tmp_path}/runs/paper/logs/slurm-%A_%a.out"',
                  "source .venv/bin/activate", "#   0: full seed 0 -> runs/paper/full/seed0",
-                 "#   29: block_expansion_p4 seed 2 -> runs/paper/block_expansion_p4/seed2"):  # fmt: skip
+                 "#   29: block_expansion_p4 seed 2 -> runs/paper/block_expansion_p4/seed2",
+                 "  0) log=runs/paper/logs/full-seed0.log ;;"):  # fmt: skip
         assert line in text.splitlines(), line
     (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+    # --task before the fit options; the device count of every fit follows --gpus
     assert srun == (
-        "srun ftforget sweep --preset paper --seeds 0 1 2 --output runs/paper -- --config configs/forgetting.yaml "
-        "--trainer.devices 4 --task $SLURM_ARRAY_TASK_ID"
+        'srun --output="$log" --open-mode=append ftforget sweep --preset paper --seeds 0 1 2 --output runs/paper '
+        '--task "$SLURM_ARRAY_TASK_ID" -- --config configs/forgetting.yaml --trainer.devices 4 '
+        "--trainer.accelerator gpu &"
     )
+    assert (tmp_path / "runs" / "paper" / "logs").is_dir()  # SLURM opens the batch logs there at the start
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid shell
 
 
 def test_a_task_is_one_run(tmp_path: Path, capsys) -> None:
     base = ["sweep", "--preset", "demo", "--seeds", "0", "1", "--output", str(tmp_path), "--dry-run"]
     assert main([*base, "--task", "3"]) == 0
-    assert (
-        capsys.readouterr().out.splitlines()[1]
-        == f"ftforget test --run {tmp_path}/top1/seed1 --ckpt_path best --verbose false"
-    )
+    pretrain, fit, test = capsys.readouterr().out.splitlines()
+    assert pretrain.startswith("# first the demo's pretraining, into ") and fit.startswith("ftforget fit ")
+    # the demo preset tests the last checkpoint, as ftforget demo
+    assert test == f"ftforget test --run {tmp_path}/top1/seed1 --ckpt_path last --verbose false"
     assert main([*base, "--task", "12"]) == 2
     assert "--task 12: this sweep has runs 0 to 11" in capsys.readouterr().err
 
@@ -115,7 +121,8 @@ def test_a_knob_is_measured_once_after_the_test(tmp_path: Path, capsys) -> None:
         runs[2].run_dir, [{"alpha": 0.0, "requested": "best"}, {"alpha": 1.0, "requested": "last"}]
     )
     assert runs[2].state() == "tested"  # its points are of another checkpoint, or miss an a
-    base = ["sweep", "--preset", "demo", "--output", str(tmp_path), "--dry-run", "--knob", "0.5", "1"]
+    base = ["sweep", "--preset", "demo", "--output", str(tmp_path), "--dry-run", "--knob", "0.5", "1",
+            "--test_ckpt", "best"]  # fmt: skip
     assert main(base) == 0
     assert (
         f"ftforget knob --run {tmp_path}/full/seed0 --ckpt_path best --alphas '[0.5, 1]'"
@@ -132,24 +139,21 @@ def test_bad_sweeps_are_refused(tmp_path: Path, capsys) -> None:
     assert "share the name ['lora']" in capsys.readouterr().err
 
 
-def _sweep_cmd(out: Path, backbone: Path) -> list[str]:
-    # Tested on last (as the demo): the demo validates every 40 steps, so a 12-step run has no best.
+def _sweep_cmd(out: Path) -> list[str]:
+    # The demo's experiment: its pretraining (short here), then every method for 12 steps, tested on last.
     return [sys.executable, "-m", "ftforget", "sweep", "--preset", "demo", "--seeds", "0", "1", "--output", str(out),
-            "--test_ckpt", "last", "--", "--model.init_args.checkpoint", str(backbone), "--trainer.max_steps", "12",
-            "--trainer.callbacks.eval_at_steps=[0, 5, 12]"]  # fmt: skip
+            "--steps", "12", "--pretrain-steps", "20"]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: Path, backbone: Path) -> None:
+def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FTFORGET_PROGRESS": "0"}
 
     whole = tmp_path / "whole"
-    subprocess.run(
-        _sweep_cmd(whole, backbone), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=900
-    )
+    subprocess.run(_sweep_cmd(whole), env=env, cwd=tmp_path, check=True, capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sweep_cmd(killed, backbone), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_sweep_cmd(killed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
     while not (killed / "linear" / "seed0").exists() and time.monotonic() < deadline:  # the 5th of 10 runs
@@ -157,7 +161,7 @@ def test_killed_and_restarted_sweep_ends_with_the_uninterrupted_table(tmp_path: 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "report").exists()
-    restarted = subprocess.run(_sweep_cmd(killed, backbone), env=env, cwd=tmp_path, capture_output=True, text=True,
+    restarted = subprocess.run(_sweep_cmd(killed), env=env, cwd=tmp_path, capture_output=True, text=True,
                                timeout=900)  # fmt: skip
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "full seed 0: done" in restarted.stdout  # finished runs are skipped

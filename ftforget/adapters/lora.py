@@ -102,8 +102,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Adds the updates into the base weight (idempotent). :meth:`unmerge` restores it bit-exactly."""
-        if self.merged:
+        """Adds the updates into the base weight (idempotent). :meth:`unmerge` restores it bit-exactly.
+
+        A disabled adapter adds nothing (it stays unmerged): merging must not change what the layer computes,
+        so :func:`lora_merged` inside :func:`lora_disabled` still runs the pretrained function.
+        """
+        if self.merged or not self.enabled:
             return
         self._backup = self.base.weight.detach().clone()
         for name, (start, stop) in self.slices.items():

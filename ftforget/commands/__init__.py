@@ -8,8 +8,11 @@ library functions and prints; this package is the only one that knows every othe
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from ftforget.backbones import CheckpointError
 from ftforget.guards import NonFiniteError, signal_number
@@ -48,6 +51,29 @@ def user_error(err: BaseException) -> BaseException:
     return (ours or wrapped or [err])[0]
 
 
+def write_summaries(cli: Any) -> None:
+    """After a fit or a test of a run, rank 0 rewrites the run's TensorBoard summaries (HParams settings and
+    final metrics, custom-scalars layout, text card: :mod:`ftforget.report.tensorboard`). A run that
+    cannot be summarised keeps its training results; a warning says why."""
+    from ftforget.report import ReportError
+    from ftforget.report.runs import EVENT_GLOB
+    from ftforget.report.tensorboard import write_run_summaries
+
+    trainer = getattr(cli, "trainer", None)
+    if cli.subcommand not in ("fit", "test") or trainer is None or not trainer.is_global_zero:
+        return
+    # Not trainer.log_dir: under DDP that is a collective, and only rank 0 is here.
+    run_dir = getattr(cli, "owned_run_dir", None)
+    if run_dir is None or not any(Path(run_dir).glob(EVENT_GLOB)):
+        return  # no TensorBoard logger: nothing to add to
+    try:
+        write_run_summaries(run_dir)
+    except (ReportError, OSError) as err:
+        logging.getLogger(__name__).warning(
+            "ftforget: TensorBoard summaries of %s not written: %s", run_dir, err
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ftforget`` console script; returns the exit status."""
     setup_console()  # ftforget's INFO lines on rank 0, through tqdm.write; known noise silenced
@@ -60,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(f"{__name__}.{COMMANDS[args[0]][0]}").main(args[1:])
         from ftforget.cli import run_lightning
 
-        run_lightning(args)
+        write_summaries(run_lightning(args))
         return 0
     except SystemExit as err:  # Lightning after SIGTERM or Ctrl-C: 128 + signum (143, 130), not 0 or 1
         if signal_number(err) is None:

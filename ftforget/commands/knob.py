@@ -38,6 +38,7 @@ from ftforget.methods.base import FineTuningModule
 from ftforget.methods.knob import knob_model
 from ftforget.methods.registry import load_method
 from ftforget.report.runs import read_measurements
+from ftforget.report.tensorboard import write_run_summaries
 from ftforget.runs import (
     CONFIG_FILE,
     KNOB_FILE,
@@ -171,6 +172,7 @@ def main(argv: list[str]) -> int:
     lock_run(run_dir)  # one writer per run directory
     try:
         write_knob_points(run_dir, records)
+        write_run_summaries(run_dir)  # the run's TensorBoard card shows its knob
     finally:
         release_runs()
     _print(records, run_dir, ckpt)

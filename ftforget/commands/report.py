@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ftforget.report import ReportError, write_report
+from ftforget.report.html import HTML_FILE, write_html
 
 #: how to give a run its new-task test accuracy (``ftforget test`` on the run's best checkpoint)
 TEST_HINT = "ftforget test --run {run} --ckpt_path best"
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where to write the report (default: FIRST_RUN_DIR/report)",
     )
+    parser.add_argument(
+        "--html",
+        action="store_true",
+        help=f"also write {HTML_FILE}: the report as one self-contained page (figures embedded, sortable "
+        "tables, links to the runs), for a browser, offline",
+    )
     return parser
 
 
@@ -46,7 +53,10 @@ def main(argv: list[str]) -> int:
         sys.stdout.write("\n" + report.statistics.strip() + "\n\n")
     if report.knob_table:
         sys.stdout.write("Stability-plasticity knob (ftforget knob):\n\n" + report.knob_table + "\n")
-    for path in report.files:
+    files = list(report.files)
+    if args.html:
+        files.append(write_html(report.document, report.rows, report.files, out))
+    for path in files:
         sys.stdout.write(f"wrote {path}\n")
     for label, run in report.untested:
         sys.stdout.write(f"hint: {label}: not tested on the new task; run {TEST_HINT.format(run=run)}\n")

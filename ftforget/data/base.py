@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftforget.data.probe import ProbeData
-from ftforget.data.resumable import ResumableLoader, ResumableSampler, SeededItems, run_seed
+from ftforget.data.resumable import EvalShard, ResumableLoader, ResumableSampler, SeededItems, run_seed
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -68,11 +68,18 @@ class FineTuneDataModule(L.LightningDataModule):
         return self.batch_size // world
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
-        """A loader of one split at the per-device batch size; shuffled training loaders drop the last batch."""
+        """A loader of one split at the per-device batch size; shuffled training loaders drop the last batch.
+        Under DDP an unshuffled (evaluation) split is shared without padding (:class:`EvalShard`)."""
+        dataset = self.dataset(split)
+        trainer = self.trainer
+        sampler = None
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = EvalShard(len(dataset), trainer.global_rank, trainer.world_size)  # type: ignore[arg-type]
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.per_device_batch_size(),
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -12,7 +12,11 @@ What the fingerprint covers (:func:`feature_fingerprint`):
   when it defines one, else the class that defines ``features`` and the structure of the feature module,
   ``repr(feature_module)``: every layer's type and settings, e.g. a LoRA layer's ``r`` and ``alpha`` (its
   scale is no weight) and dropout rates. Optimizer, schedule and head settings appear in neither, so the
-  pretrained backbone's step-0 features stay shared by full, top-k and linear fine-tuning.
+  pretrained backbone's step-0 features stay shared by full, top-k and linear fine-tuning;
+- the state that changes what the feature module computes but is neither a weight nor in ``repr``,
+  :func:`forward_state`: every submodule's scalar settings (a LoRA layer's ``scale``, ``enabled`` and
+  ``merged`` flags), its forward hooks and its non-persistent buffers. A skipped block (Block Expansion's
+  ``expansion_skipped``) leaves the module tree, so its weights and ``repr`` already tell.
 
 An unreadable cache file (random bytes, truncated, other keys or shapes) is ignored with a warning naming
 it, then recomputed and rewritten.
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +41,11 @@ from ftforget.inference import require_probed
 
 log = logging.getLogger(__name__)
 
-#: bump when the cached content's meaning changes (2: the key includes the feature signature)
-CACHE_VERSION = 2
+#: bump when the cached content's meaning changes (2: the key includes the feature signature; 3: and the
+#: forward state)
+CACHE_VERSION = 3
+#: the attribute values :func:`forward_state` reads as settings (and tuples of them)
+_SETTING_TYPES = (type(None), bool, int, float, str, Enum)
 
 
 def hash_tensors(digest: Any, named: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -53,6 +61,44 @@ def state_fingerprint(module: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes and raw bytes), bit-exact."""
     digest = hashlib.sha256()
     hash_tensors(digest, sorted(module.state_dict().items()))
+    return digest.hexdigest()
+
+
+def _is_setting(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_setting(v) for v in value)
+    return isinstance(value, _SETTING_TYPES)
+
+
+def _hook_names(hooks: dict[int, Any]) -> list[str]:
+    return [
+        f"{getattr(h, '__module__', '')}.{getattr(h, '__qualname__', type(h).__qualname__)}"
+        for h in hooks.values()
+    ]
+
+
+def forward_state(module: nn.Module) -> str:
+    """SHA-256 of what, besides its state dict, decides what ``module`` computes at inference.
+
+    For every submodule, in order: its name and class, its settings (public attributes whose value is None,
+    a bool, int, float, str, enum or a tuple of them: a LoRA layer's ``scale``, ``enabled`` and ``merged``,
+    attention's ``fused_attn``, dropout rates), the qualified names of its forward hooks and pre-hooks,
+    and its non-persistent buffers (bit-exact). The train/eval flag is left out (features are measured in
+    eval mode), and so are containers (metadata such as timm's ``pretrained_cfg``). A hook is known by its
+    name only: one whose effect depends on state of its own needs a ``feature_signature()`` saying it.
+    """
+    digest = hashlib.sha256()
+    persistent = set(module.state_dict())
+    for name, sub in module.named_modules():
+        settings = {
+            key: value
+            for key, value in sorted(vars(sub).items())
+            if not key.startswith("_") and key != "training" and _is_setting(value)
+        }
+        hooks = [_hook_names(sub._forward_pre_hooks), _hook_names(sub._forward_hooks)]
+        digest.update(f"{name}|{type(sub).__qualname__}|{settings!r}|{hooks!r}\n".encode())
+    buffers = ((name, t) for name, t in module.named_buffers() if name not in persistent)
+    hash_tensors(digest, buffers)
     return digest.hexdigest()
 
 
@@ -81,12 +127,13 @@ def feature_fingerprint(model: nn.Module) -> str:
 
     The model declares those weights as its ``feature_module`` (:class:`ftforget.inference.ProbedModel`):
     for the ftforget methods the backbone, so that a linear probe's changing head does not defeat reuse.
-    Two models with the same weights but another feature function (e.g. LoRA adapters with another
-    ``alpha``) get different fingerprints.
+    Two models with the same weights but another feature function (LoRA adapters with another ``alpha``,
+    another ``scale`` or switched off) get different fingerprints (:func:`forward_state`).
     """
-    weights = state_fingerprint(require_probed(model, "the feature fingerprint").feature_module)
+    module = require_probed(model, "the feature fingerprint").feature_module
     signature = hashlib.sha256(feature_signature(model).encode()).hexdigest()
-    return hashlib.sha256(f"{weights}|{signature}".encode()).hexdigest()
+    parts = (state_fingerprint(module), signature, forward_state(module))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def cache_key(probe_key: str, fingerprint: str, settings: dict[str, object]) -> str:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ftforget.data.probe import IndexedDataset
-from ftforget.forgetting.cache import hash_tensors
+from ftforget.forgetting.cache import forward_state, hash_tensors
 from ftforget.forgetting.collectives import dist_info, shard_range
 from ftforget.forgetting.config import KNNConfig, to_dtype
 from ftforget.forgetting.features import ShardFeatures, collect_features, shard_extractor, sharded_loader
@@ -96,8 +96,9 @@ def rest_forward(vit: VisionTransformer, tokens: torch.Tensor, depth: int) -> to
 def prefix_fingerprint(vit: VisionTransformer, depth: int) -> str:
     """SHA-256 of what the tokens after block ``depth`` depend on besides the images: the weights and
     buffers of the embeddings, ``norm_pre`` and the first ``depth`` blocks (bit-exact), their structure
-    (``repr``) and the token layout flags. With every block in the prefix, of the whole network (what
-    is kept is then the feature itself, :func:`keeps_features`)."""
+    (``repr``), their :func:`~ftforget.forgetting.cache.forward_state` and the token layout flags. With
+    every block in the prefix, of the whole network (what is kept is then the feature itself,
+    :func:`keeps_features`)."""
     digest = hashlib.sha256()
     own = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
     blocks = tuple(f"blocks.{i}." for i in range(depth))
@@ -108,8 +109,10 @@ def prefix_fingerprint(vit: VisionTransformer, depth: int) -> str:
         getattr(vit, name, None)
         for name in ("num_prefix_tokens", "no_embed_class", "dynamic_img_size", "cls_token", "reg_token")
     ]
-    structure = [repr(m) for m in (vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre)]
-    structure += [repr(b) for b in vit.blocks[:depth]] + ([repr(vit), vit.global_pool] if whole else [])
+    modules = [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre, *vit.blocks[:depth]]
+    modules += [vit] if whole else []
+    structure = [repr(m) for m in modules] + [forward_state(m) for m in modules]
+    structure += [vit.global_pool] if whole else []
     digest.update(json.dumps([depth, [f is not None if isinstance(f, torch.Tensor) else repr(f) for f in flags],
                               structure]).encode())  # fmt: skip
     return digest.hexdigest()

@@ -337,6 +337,10 @@ class FineTuningModule(L.LightningModule):
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{stage}/acc1", acc1, prog_bar=True)
         self.log(f"{stage}/acc5", acc5)
+        if stage == "val" and self.trainer.state.fn == "fit":
+            # Lightning logs a validation inside a fit at its step count of before that step (step 30's at
+            # 29); a "step" value is its x-axis: the step whose weights were validated, as the checkpoint name.
+            self.log("step", float(self.trainer.global_step))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")

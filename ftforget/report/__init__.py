@@ -4,7 +4,10 @@
 - :mod:`~ftforget.report.groups`: runs that repeat a configuration with other seeds, one row each;
 - :mod:`~ftforget.report.table`: one row per run or seed group, mean ± sample std (Markdown and CSV);
 - :mod:`~ftforget.report.figures`: forgetting curves and the stability-plasticity plane;
-- :mod:`~ftforget.report.write`: :func:`write_report`, everything above into one directory.
+- :mod:`~ftforget.report.write`: :func:`write_report`, everything above into one directory;
+- :mod:`~ftforget.report.tensorboard`: each run's HParams, custom-scalars layout and card, and the
+  report's figures, as TensorBoard event files;
+- :mod:`~ftforget.report.html`: the report as one self-contained HTML page (``ftforget report --html``).
 """
 
 from ftforget.report.figures import plot_forgetting_curves, plot_stability_plasticity, save_figures

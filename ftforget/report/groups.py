@@ -161,6 +161,28 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     return sorted(groups, key=lambda g: (method_rank(g.runs[0]), _natural(g.label), str(g.runs[0].path)))
 
 
+def different_bases(groups: list[RunGroup]) -> list[str]:
+    """A warning per seed group whose runs measured different step-0 probe accuracies.
+
+    Repeats of one configuration fine-tune one base: the step-0 model is the pretrained backbone (and
+    identity-initialised adapters), the same for every seed, so its probe accuracy is too. Different
+    values mean different bases, e.g. ``pretrained: false`` without a ``checkpoint``, where each seed
+    initialises its own random backbone; the row's mean and std then mix bases, not seeds.
+    """
+    warnings = []
+    for group in groups:
+        step0 = {run.path: run.probe_curve().get(0) for run in group.runs}
+        values = {v for v in step0.values() if v is not None}
+        if group.n > 1 and len(values) > 1:
+            listed = ", ".join(f"{p} ({100 * v:.2f})" for p, v in step0.items() if v is not None)
+            warnings.append(
+                f"Warning: the runs of '{group.label}' start from different step-0 probe accuracies ({listed}): "
+                "they fine-tune different bases, not one base with other seeds; give them one pretrained "
+                "backbone (model.init_args.checkpoint, or ftforget sweep --preset demo for the demo's)."
+            )
+    return warnings
+
+
 def _natural(label: str) -> list[tuple[int, float | str]]:
     """A sort key that orders the numbers in a label by value: ``LoRA r=2`` before ``LoRA r=10``,
     ``lr=0.01`` before ``lr=0.1``."""

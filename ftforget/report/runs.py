@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 EVENT_GLOB = "events.out.tfevents.*"
 MEASUREMENT_FILE = "forgetting.jsonl"
+#: the file name ending of the event file ``ftforget report`` writes beside its table
+#: (:func:`ftforget.report.tensorboard.write_report_summaries`): its directory is a report, not a run
+REPORT_EVENTS_SUFFIX = ".ftforget-report"
 #: the headline k-NN curve the forgetting callback logs (its first k)
 PROBE_TAG = "forgetting/knn_top1"
 
@@ -101,7 +104,8 @@ class Run:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories at or below each of ``paths``, sorted, each once.
+    """Run directories at or below each of ``paths``, sorted, each once (a report's own directory, with
+    its figures' event file, is not a run).
 
     Raises:
         ReportError: a path does not exist, or holds no run at all.
@@ -112,7 +116,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if not root.exists():
             raise ReportError(f"{str(root)!r} does not exist")
         markers = [*root.rglob(EVENT_GLOB), *root.rglob(MEASUREMENT_FILE)] if root.is_dir() else []
-        runs = {m.parent for m in markers if m.is_file()}
+        runs = {m.parent for m in markers if m.is_file() and not m.name.endswith(REPORT_EVENTS_SUFFIX)}
         if not runs:
             raise ReportError(
                 f"no runs found in {str(root)!r}: no TensorBoard event files ({EVENT_GLOB}) and no "

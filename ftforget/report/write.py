@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftforget.report.figures import save_figures
-from ftforget.report.groups import group_runs
+from ftforget.report.groups import RunGroup, different_bases, group_runs
 from ftforget.report.knob import KNOB_CSV, KnobPoint, knob_curves, knob_markdown, write_knob_csv
 from ftforget.report.routing import routing_section
 from ftforget.report.runs import Run, load_runs
 from ftforget.report.table import Row, build_table, statistics_markdown, to_markdown, write_csv
+from ftforget.report.tensorboard import write_report_summaries
 
 
 @dataclass
@@ -22,12 +23,15 @@ class Report:
         markdown: the table as Markdown, followed by the :attr:`notes` (what ``ftforget report`` prints).
         statistics: the curve statistics table (:func:`~ftforget.report.table.statistics_markdown`):
             intervals, normalised AUC, steps to a drop; the Markdown file holds it under the table.
-        files: the Markdown, CSV and PNG files written.
+        files: the Markdown, CSV and PNG files written, and the event file holding the figures and tables
+            for TensorBoard (``events.out.tfevents.*.ftforget-report``).
         skipped: runs left out because they have no forgetting measurement.
         notes: one line per figure not written, saying why.
         untested: ``(row label, run directory)`` of every run without a new-task test accuracy.
         knob: row label -> its stability-plasticity knob points (``ftforget knob``), rows with any.
         knob_table: those points as Markdown (empty without any); the Markdown file holds it too.
+        document: the Markdown file's text (the table, the curve statistics, the knob, the notes and
+            the routing section).
     """
 
     rows: list[Row]
@@ -39,13 +43,14 @@ class Report:
     statistics: str = ""
     knob: dict[str, list[KnobPoint]] = field(default_factory=dict)
     knob_table: str = ""
+    document: str = ""
 
 
-def _untested(runs: list[Run]) -> list[tuple[str, Path]]:
+def _untested(groups: list[RunGroup]) -> list[tuple[str, Path]]:
     """``(row label, run directory)`` of each run without a new-task test accuracy, in the table's order."""
     return [
         (group.label, run.path)
-        for group in group_runs(runs)
+        for group in groups
         for run in group.runs
         if run.test_accuracy() is None
     ]
@@ -72,13 +77,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "forgetting_table.md", out / "forgetting_table.csv"
     write_csv(rows, csv_path)
-    knob = knob_curves(group_runs(measured))
+    groups = group_runs(measured)
+    knob = knob_curves(groups)
     knob_csv = out / KNOB_CSV
     if knob:
         write_knob_csv(knob, knob_csv)
     else:
         knob_csv.unlink(missing_ok=True)  # no stale points from an earlier report
     figures, notes = save_figures(measured, rows, out, knob)
+    notes = [*different_bases(groups), *notes]
     table = to_markdown(rows)
     statistics = statistics_markdown(rows)
     knob_table = knob_markdown(knob) if knob else ""
@@ -86,8 +93,11 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
     notes_md = "".join(f"\n{note}\n" for note in notes)
     routing = routing_section(out, [run.path for run in measured])  # one base, many tasks (ftforget demo)
     notes_md += f"\n{routing}" if routing else ""
-    md_path.write_text(f"{table}\n### Curve statistics\n\n{statistics}{knob_md}{notes_md}")
-    files = [md_path, csv_path, *([knob_csv] if knob else []), *figures]
+    markdown = f"{table}\n### Curve statistics\n\n{statistics}{knob_md}{notes_md}"
+    md_path.write_text(markdown)
+    events = write_report_summaries(out, figures, markdown)  # the figures in TensorBoard too
+    files = [md_path, csv_path, *([knob_csv] if knob else []), *figures, events]
+    untested = _untested(groups)
     return Report(
-        rows, table + notes_md, files, skipped, notes, _untested(measured), statistics, knob, knob_table
+        rows, table + notes_md, files, skipped, notes, untested, statistics, knob, knob_table, markdown
     )
