@@ -548,3 +548,41 @@ def test_adapters_that_do_not_start_at_zero_have_no_pretrained_context_and_a_ler
     with torch.no_grad():
         assert torch.equal(knob_model(end, start, 0.0).features(x), start.eval().features(x))
         assert torch.equal(knob_model(end, start, 1.0).features(x), end.features(x))
+
+
+def test_export_command_writes_peft_format_from_a_checkpoint(tmp_path, random_images, capsys):
+    torch.manual_seed(0)
+    module = PeftMethod(peft_config=peft.LoraConfig(r=2, target_modules=["qkv"]), num_classes=5, **TINY_ARGS)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, random_images)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "adapter"
+    assert (
+        main(["export", "--ckpt_path", str(tmp_path / "m.ckpt"), "--format", "peft", "--output", str(out)])
+        == 0
+    )
+    torch.manual_seed(0)
+    peft_model, head = load_peft(out, FullFineTuning(num_classes=5, **TINY_ARGS).backbone)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(head(peft_model(x)), module.eval()(x))
+    torch.manual_seed(0)
+    bitfit = BitFit(num_classes=5, **TINY_ARGS)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(bitfit, random_images)
+    bitfit.trainer.save_checkpoint(tmp_path / "b.ckpt")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "export",
+                "--ckpt_path",
+                str(tmp_path / "b.ckpt"),
+                "--format",
+                "peft",
+                "--output",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert "not a PeftMethod" in capsys.readouterr().err
