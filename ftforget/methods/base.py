@@ -293,6 +293,11 @@ class FineTuningModule(L.LightningModule):
         """Logits of a training batch (a method with cached features overrides this)."""
         return self(x)
 
+    def method_loss_terms(self) -> dict[str, torch.Tensor]:
+        """A method's own terms added to the loss of a training step, ``name -> value`` (each logged as
+        ``train/loss_<name>``, ``train/loss`` their sum with the cross-entropy); none by default."""
+        return {}
+
     def in_probe_stage(self) -> bool:
         """Whether this step is in LP-FT's first stage (``lp_steps``), where only the head trains."""
         return self.global_step < self.hparams.get("lp_steps", 0)
@@ -317,6 +322,8 @@ class FineTuningModule(L.LightningModule):
         if distill:
             assert features is not None
             terms["distill"] = hp.distill_weight * distillation_loss(features, self.frozen_features(x))
+        if not probe_stage:
+            terms.update(self.method_loss_terms())
         if terms:  # each term on its own curve; train/loss is their sum
             self.log("train/loss_ce", loss)
             for name, term in terms.items():
