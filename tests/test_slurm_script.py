@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -249,3 +250,16 @@ def test_a_fresh_fit_ignores_another_runs_hpc_checkpoint(tmp_path: Path, backbon
     steps = [json.loads(line)["step"] for line in (run / "forgetting.jsonl").read_text().splitlines()]
     assert steps == [0, 3]
     assert sorted(p.name for p in shared.iterdir()) == ["hpc_ckpt_1.ckpt"]  # nothing written beside it
+
+
+def test_no_srun_advice_where_slurm_is_installed(tmp_path: Path, stubs: Path) -> None:
+    """A machine with SLURM's srun (a login node, a workstation) runs ftforget outside a job without
+    Lightning's hint to prepend srun."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    argv = [sys.executable, "-m", "ftforget", "fit", "--config", str(DEMO / "full.yaml"),
+            "--config", str(DEMO / "common.yaml"), "--trainer.max_steps", "0"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--trainer.max_steps 0: a fit of 0 optimizer steps trains nothing" in proc.stderr
+    assert "srun" not in proc.stderr
