@@ -36,8 +36,9 @@ class FTForgetCheckpoint(ModelCheckpoint):
     - is left as it was when a fit stops on an exception (a crash, a non-finite loss, Ctrl-C): that state
       may be broken (e.g. Ctrl-C during an optimizer step) and goes to ``interrupted-step<N>.ckpt`` only;
       ``ftforget fit --resume`` goes on from ``last.ckpt``. The one exception is SIGTERM, which Lightning
-      turns into an exception between two steps: with finite weights its state also refreshes
-      ``last.ckpt``, so that a preempted job resumes where it stopped.
+      turns into an exception between two steps: with finite weights, inside an epoch, its state also
+      refreshes ``last.ckpt``, so that a preempted job resumes where it stopped (at an epoch's end the
+      previous ``last.ckpt`` stays: see :func:`_mid_epoch`).
 
     Every file is written through the trainer's CheckpointIO (atomically, with
     :class:`~ftforget.checkpoint_io.AtomicCheckpointIO`); ``save_last="link"`` and its copy fallback
@@ -107,7 +108,7 @@ class FTForgetCheckpoint(ModelCheckpoint):
         name = self.INTERRUPTED_TEMPLATE.format(step=trainer.global_step)
         filepath = self.format_checkpoint_name(metrics=monitor_candidates, filename=name)
         self._save_checkpoint(trainer, filepath)
-        if isinstance(exception, SIGTERMException) and finite_parameters(pl_module):
+        if isinstance(exception, SIGTERMException) and _mid_epoch(trainer) and finite_parameters(pl_module):
             self._save_last_checkpoint(trainer, monitor_candidates)
         rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {filepath}")
 
@@ -134,6 +135,15 @@ class FTForgetCheckpoint(ModelCheckpoint):
             except OSError:
                 atomic_copy(filepath, linkpath)
         trainer.strategy.barrier()
+
+
+def _mid_epoch(trainer: L.Trainer) -> bool:
+    """Whether an epoch is under way: Lightning raises SIGTERM's exception between two batches, or after the
+    epoch-end hooks once the epoch counts as completed. Resumed from the latter, Lightning takes the next
+    epoch's batches as done (the finished epoch's count is kept) and skips them: a SIGTERM there keeps the
+    previous ``last.ckpt``, from which the resume is exact."""
+    progress = trainer.fit_loop.epoch_progress.current
+    return progress.ready > progress.completed
 
 
 def finite_parameters(module: torch.nn.Module) -> bool:

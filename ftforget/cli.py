@@ -48,7 +48,7 @@ from ftforget.runs import (
     release_runs,
     resolve_checkpoint,
 )
-from ftforget.slurm import with_cluster_environment
+from ftforget.slurm import keep_running_on_usr1, under_slurm, with_cluster_environment
 from ftforget.validation import LastStepValidation
 
 
@@ -188,6 +188,8 @@ class FTForgetCLI(LightningCLI):
     def before_fit(self) -> None:
         self._preflight("fit")
         self._own_run_dir()
+        if under_slurm():
+            keep_running_on_usr1()  # SLURM's warning signal must not kill the fit (ftforget.slurm)
 
     def _log_at_checkpoint_step(self) -> None:
         # Lightning restores only the weights for validate/test and logs at step 0; the run's curves need

@@ -80,7 +80,9 @@ class _LevelPrefixFormatter(logging.Formatter):
 
 def silence_known_noise() -> None:
     """Silences known-irrelevant noise at its source: torch's LeafSpec deprecation warning raised in
-    Lightning's ``_pytree`` (twice per fit: in fit and in test), and Lightning's litlogger tip.
+    Lightning's ``_pytree`` (twice per fit: in fit and in test), Lightning's litlogger tip, and its advice to
+    prepend ``srun`` wherever a machine has SLURM installed (a fit on a login node or a workstation is meant
+    to run there; ``ftforget sweep --slurm`` writes the ``srun`` line where it belongs).
 
     Only these exact messages from these exact places are dropped; every other warning still shows.
     """
@@ -89,6 +91,11 @@ def silence_known_noise() -> None:
         message=re.escape(LEAFSPEC_WARNING),
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The `srun` command is available on your system but is not used",
+        module=r"lightning\.fabric\.plugins\.environments\.slurm",
     )
     rank_zero_log = logging.getLogger(LIGHTNING_RANK_ZERO_LOGGER)
     if not any(isinstance(f, DropLightningTips) for f in rank_zero_log.filters):

@@ -224,6 +224,24 @@ def with_cluster_environment(plugins: Any) -> Any:
     return [*items, SLURMEnvironment(auto_requeue=False)]
 
 
+def keep_running_on_usr1() -> None:
+    """Inside a SLURM job, a fit whose SIGUSR1 nobody handles (a hand-written job script, not a sweep task)
+    keeps running on it instead of dying: the signal only warns of the time limit or a preemption, whose
+    SIGTERM then makes the fit write ``last.ckpt`` (``ftforget fit --resume RUN`` goes on from there).
+    A sweep task's requeue handler (:func:`requeue_on_usr1`) is left in place."""
+    if os.environ.get("SLURM_JOB_ID") is None or signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+        return
+
+    def warn(signum: int, frame: object) -> None:
+        sys.stderr.write(
+            "ftforget: SIGUSR1 (SLURM's warning before the time limit or a preemption): the fit goes on and "
+            "writes last.ckpt at SIGTERM; resume it with ftforget fit --resume RUN (ftforget sweep --slurm "
+            "requeues and resumes by itself)\n"
+        )
+
+    signal.signal(signal.SIGUSR1, warn)
+
+
 def requeue_on_usr1() -> None:
     """Inside a SLURM job, SIGUSR1 requeues the job (``scontrol requeue``; the first process only) instead of
     killing this process. The requeue's SIGTERM then stops the fit, which keeps its state in ``last.ckpt``."""

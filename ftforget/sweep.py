@@ -38,17 +38,25 @@ PAPER_CONFIGS = (
     "full", "top3", "linear", "lora_r4", "lora", "lora_r16",
     "block_expansion_p1", "block_expansion_p2", "block_expansion", "block_expansion_p4",
 )  # fmt: skip
+#: the PEFT methods (configs/peft/), each at a budget comparable to LoRA r=8 where the method allows one
+PEFT_CONFIGS = (
+    "lora_qkv", "lora_all", "dora", "pissa", "loha", "lokr", "oft", "boft", "ia3", "vera", "adalora",
+    "bitfit", "ssf", "adaptformer", "vpt_shallow", "vpt_deep",
+)  # fmt: skip
 #: the demo's five methods in the paper's order and an anti-forgetting baseline (each with ``common.yaml``)
 DEMO_METHODS = ("full", "top1", "linear", "lora", "block_expansion", "full_l2sp")
 
 
 def preset(name: str) -> list[list[Path]]:
-    """The ``--config`` files of each run of a preset: ``paper`` (ten rows) or ``demo`` (five methods)."""
+    """The ``--config`` files of each run of a preset: ``paper`` (ten rows), ``peft`` (the paper's rows, then
+    every PEFT method) or ``demo`` (five methods)."""
     if name == "paper":
         return [[config_dir() / f"{c}.yaml"] for c in PAPER_CONFIGS]
+    if name == "peft":
+        return preset("paper") + [[config_dir() / "peft" / f"{c}.yaml"] for c in PEFT_CONFIGS]
     if name == "demo":
         return [[demo_config_dir() / f"{m}.yaml", demo_config_dir() / "common.yaml"] for m in DEMO_METHODS]
-    raise ValueError(f"sweep preset {name!r}: choose 'paper' or 'demo', or give config files")
+    raise ValueError(f"sweep preset {name!r}: choose 'paper', 'peft' or 'demo', or give config files")
 
 
 class SweepError(RuntimeError):

@@ -130,3 +130,23 @@ def tiny_trainer_options(tmp_path, steps: int) -> dict[str, str]:
         "trainer.enable_model_summary": "false",
         "trainer.logger.init_args.save_dir": str(tmp_path / "runs"),
     }
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to its own process once, at global step ``step``, from ``hook``: ``batch_end`` (between two
+    batches) or ``epoch_end`` (in the epoch-end hooks). ``once`` is a file it creates when it fires, so that a
+    resumed fit (whose config.yaml holds this callback too) runs on."""
+
+    def __init__(self, step: int, hook: str, once: str) -> None:
+        self.step, self.hook, self.once = step, hook, once
+
+    def _fire(self, trainer, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step and not os.path.exists(self.once):
+            open(self.once, "w").close()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._fire(trainer, "batch_end")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._fire(trainer, "epoch_end")

@@ -5,15 +5,21 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import peft
 import pytest
 import torch
 
 from ftforget.methods import (
+    SSF,
+    AdaptFormer,
+    BitFit,
     BlockExpansion,
     FullFineTuning,
     LinearProbing,
     LoRA,
+    PeftMethod,
     TopKFineTuning,
+    VisualPromptTuning,
     warmup_cosine,
 )
 from ftforget.methods.schedule import paper_recipe
@@ -55,15 +61,60 @@ METHODS = [
     (BlockExpansion, {"p": 2}),
     (BlockExpansion, {"positions": [0, 3]}),
 ]
-IDS = [f"{c.__name__}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for c, kw in METHODS]
+# Issue 20: PEFT's methods on the fused qkv (and fc2 for IA3's feed-forward scaling, every linear for
+# LoRA), and the vision PEFT classics. Each config builds a small adapter of the tiny ViT.
+PEFT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "attn.proj", "fc1", "fc2"]),
+    "dora": lambda: peft.LoraConfig(r=2, target_modules=["qkv"], use_dora=True),
+    "loha": lambda: peft.LoHaConfig(r=2, target_modules=["qkv"]),
+    "lokr": lambda: peft.LoKrConfig(r=2, target_modules=["qkv"]),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["qkv"]),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["qkv"]),
+    "ia3": lambda: peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"]),
+    "vera": lambda: peft.VeraConfig(r=16, target_modules=["qkv"]),
+    # total_step: the max_steps of the trainability test
+    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=4, target_modules=["qkv"]),
+}
+IDENTITY_METHODS = [
+    *METHODS,
+    *[(PeftMethod, {"peft_config": make}) for make in PEFT_CONFIGS.values()],
+    (BitFit, {}),
+    (SSF, {}),
+    (AdaptFormer, {"bottleneck": 4}),
+]
+# VPT is no identity at initialisation (the prompts are attended to); PiSSA only up to rounding
+METHODS = [
+    *IDENTITY_METHODS,
+    (
+        PeftMethod,
+        {"peft_config": lambda: peft.LoraConfig(r=2, target_modules=["qkv"], init_lora_weights="pissa")},
+    ),
+    (VisualPromptTuning, {"num_prompts": 3, "deep": True}),
+    (VisualPromptTuning, {"num_prompts": 3, "deep": False}),
+]
+
+
+def _id(cls, kwargs) -> str:
+    if cls is PeftMethod:
+        config = kwargs["peft_config"]()
+        extra = "-dora" if getattr(config, "use_dora", False) else ""
+        init = getattr(config, "init_lora_weights", True)
+        return f"Peft-{type(config).__name__}{extra}" + (f"-{init}" if isinstance(init, str) else "")
+    return f"{cls.__name__}-{'-'.join(f'{k}{v}' for k, v in kwargs.items())}"
+
+
+IDS = [_id(c, kw) for c, kw in METHODS]
+IDENTITY_IDS = [_id(c, kw) for c, kw in IDENTITY_METHODS]
 
 
 def _make(cls, seed=0, **kwargs):
+    if callable(kwargs.get("peft_config")):  # a fresh PEFT config per model (PEFT mutates them)
+        kwargs = {**kwargs, "peft_config": kwargs["peft_config"]()}
     torch.manual_seed(seed)
     return cls(num_classes=5, **paper_recipe(lr=0.05, warmup_steps=0), **TINY_ARGS, **kwargs)
 
 
-@pytest.mark.parametrize(("cls", "kwargs"), METHODS, ids=IDS)
+@pytest.mark.parametrize(("cls", "kwargs"), IDENTITY_METHODS, ids=IDENTITY_IDS)
 def test_identity_at_initialisation(cls, kwargs):
     """Same seed, same backbone and head: the adapted module computes exactly the plain one's function."""
     plain, adapted = _make(FullFineTuning).eval(), _make(cls, **kwargs).eval()
@@ -93,6 +144,27 @@ def _intended_trainable(module) -> set[str]:
     if isinstance(module, BlockExpansion):
         new = set(module.new_block_indices)
         return {n for n in names if n.startswith("backbone.blocks.") and int(n.split(".")[2]) in new} | head
+    if isinstance(module, BitFit):
+        return {n for n in names if n.startswith("backbone.") and n.endswith(".bias")} | head
+    if isinstance(module, PeftMethod | SSF | AdaptFormer | VisualPromptTuning):
+        # exactly the parameters the surgery added: those of no plain backbone, once the wrappers' own
+        # path segments (PEFT's base_layer, SSF's op, AdaptFormer's moved norm and mlp, VPT's block) are read away
+        plain = {n for n, _ in FullFineTuning(num_classes=5, **TINY_ARGS).named_parameters()}
+        wrapper = {
+            ".base_layer.": ".",
+            ".op.": ".",
+            ".mlp.mlp.": ".mlp.",
+            ".mlp.norm.": ".norm2.",
+            ".block.": ".",
+        }
+
+        def original(name: str) -> str:
+            for segment, plain_segment in wrapper.items():
+                name = name.replace(segment, plain_segment)
+            return name
+
+        # (AdaLoRA's ranknum is a constant that PEFT stores as a frozen parameter)
+        return {n for n in names if original(n) not in plain and ".ranknum." not in n} | head
     raise AssertionError(type(module))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ftforget import resources
+from ftforget.sweep import PEFT_CONFIGS
 from tests.test_cli import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,12 @@ def test_every_shipped_yaml_is_parsed_by_a_cli_test():
     # defaults.yaml; test_demo parses each demo method's config with common.yaml.
     assert _names(SOURCE) == sorted([p.name for p in CONFIGS] + ["defaults.yaml", "forgetting.yaml"])
     assert _names(SOURCE / "demo") == sorted([f"{m}.yaml" for m in DEMO_METHODS] + ["common.yaml"])
+    # test_peft_methods parses each configs/peft/ file alone and each configs/demo/peft/ one with common.yaml
+    assert (
+        _names(SOURCE / "peft")
+        == _names(SOURCE / "demo" / "peft")
+        == sorted(f"{c}.yaml" for c in PEFT_CONFIGS)
+    )
     # test_stream loads the stream file and fits a short version of it
     assert _names(SOURCE / "stream") == ["digits.yaml"]
 
@@ -74,7 +81,7 @@ def test_wheel_ships_the_configs(tmp_path):
     assert all(n.startswith(("ftforget/", "ftforget-")) for n in names)  # no second, top-level copy
     assert sum(n.startswith("ftforget/configs/") and n.endswith(".yaml") for n in names) == len(
         _names(SOURCE)
-    ) + sum(len(_names(SOURCE / d)) for d in ("demo", "data", "backbones", "stream"))
+    ) + sum(len(_names(SOURCE / d)) for d in ("demo", "data", "backbones", "peft", "demo/peft", "stream"))
     install = [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, capture_output=True, text=True, timeout=300)
 

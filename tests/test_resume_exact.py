@@ -111,3 +111,35 @@ def test_items_are_drawn_under_their_own_seed_and_leave_the_callers_state() -> N
     torch.manual_seed(999)  # another caller state: the item does not change
     assert torch.equal(items[(0, 1, 2)], a)
     assert not torch.equal(items[(0, 2, 2)], a) and not torch.equal(items[(1, 1, 2)], a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("hook", "step", "resumed_from"), [("batch_end", 11, 11), ("epoch_end", 16, 15)])
+def test_sigterm_then_resume_is_bit_identical(
+    tmp_path: Path, backbone: Path, hook: str, step: int, resumed_from: int
+) -> None:
+    """A preemption's SIGTERM between two batches refreshes last.ckpt there; at an epoch's end (where Lightning
+    would resume into a skipped epoch) the last periodic one stays. Either way the resume is exact."""
+
+    def argv(name: str) -> list[str]:
+        return [
+            "fit", "--config", str(DEMO / "full.yaml"), "--config", str(DEMO / "common.yaml"),
+            "--model.init_args.checkpoint", str(backbone), "--model.init_args.backbone_kwargs.drop_rate", "0.1",
+            "--trainer.max_steps", str(STEPS), f"--trainer.callbacks.eval_at_steps={json.dumps([0, 10, STEPS])}",
+            "--checkpoint.every_n_train_steps", "3",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", name,
+        ]  # fmt: skip
+
+    assert main(argv("whole")) == 0
+    stop = ["--trainer.callbacks+=tests.helpers.SigtermAt", "--trainer.callbacks.step", str(step),
+            "--trainer.callbacks.hook", hook, "--trainer.callbacks.once", str(tmp_path / "fired")]  # fmt: skip
+    assert main([*argv("cut"), *stop]) == 128 + signal.SIGTERM
+    cut = tmp_path / "runs" / "cut" / "version_0"
+    assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == resumed_from
+    assert main(["fit", "--resume", str(cut)]) == 0
+    whole = tmp_path / "runs" / "whole" / "version_0"
+    final = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (whole, cut)]
+    assert final[0]["global_step"] == final[1]["global_step"] == STEPS
+    for key, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][key]), key
+    assert losses(cut) == losses(whole)

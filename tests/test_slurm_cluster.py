@@ -60,8 +60,10 @@ def sweep_args(out: Path, seeds: list[str], steps: str = STEPS) -> list[str]:
 
 
 def write_script(cluster: LocalCluster, args: list[str], script: Path, *options: str) -> None:
+    split = args.index("--") if "--" in args else len(args)  # the sweep's own options before the fits'
+    own = [*args[:split], "--slurm", str(script), "--gpus", "0", *options, *args[split:]]
     proc = subprocess.run(
-        [sys.executable, "-m", "ftforget", *args, "--slurm", str(script), "--gpus", "0", *options],
+        [sys.executable, "-m", "ftforget", *own],
         env=cluster.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -156,7 +158,10 @@ def test_a_task_requeued_mid_fit_resumes_its_run_bit_identically(
 ) -> None:
     start = time.monotonic()
     out = tmp_path / "requeued"
-    args = sweep_args(out, ["0"], steps="300")  # eval steps 0, 1, 2, 5, 10, 20, 50, 100, 200, 300
+    # eval steps 0, 1, 2, 5, 10, 20, 50, 100, 200, 300; a periodic last.ckpt, so that every restart has one to
+    # resume from even where a SIGTERM falls at an epoch's end (the fit then keeps the last periodic one)
+    periodic = ["--", "--checkpoint.every_n_train_steps", "5"]
+    args = [*sweep_args(out, ["0"], steps="300"), *periodic]
     script = tmp_path / "requeue.sbatch"
     write_script(cluster, args, script)
     job = submit(cluster, script, "--array=0")  # full fine-tuning, seed 0
@@ -174,7 +179,7 @@ def test_a_task_requeued_mid_fit_resumes_its_run_bit_identically(
     assert states == {task: "COMPLETED"}
 
     reference = tmp_path / "uninterrupted"
-    assert main([*sweep_args(reference, ["0"], steps="300"), "--task", "0"]) == 0
+    assert main([*sweep_args(reference, ["0"], steps="300"), "--task", "0", *periodic]) == 0
     resumed_ckpt, whole_ckpt = (r / "full" / "seed0" / "checkpoints" / "last.ckpt" for r in (out, reference))
     resumed, whole = (torch.load(p, weights_only=True) for p in (resumed_ckpt, whole_ckpt))
     assert resumed["global_step"] == whole["global_step"] == 300

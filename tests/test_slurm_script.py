@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +189,27 @@ def test_usr1_in_a_sweep_task_requeues_its_job(tmp_path: Path, stubs: Path, monk
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_plain_fit_in_a_slurm_job_survives_usr1(monkeypatch, capsys) -> None:
+    from ftforget.slurm import keep_running_on_usr1
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        keep_running_on_usr1()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # not in a SLURM job: nothing changes
+        monkeypatch.setenv("SLURM_JOB_ID", "12")
+        keep_running_on_usr1()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the default action would end this process
+        assert "the fit goes on and writes last.ckpt at SIGTERM" in capsys.readouterr().err
+        requeue_on_usr1()  # a sweep task's handler first: a fit inside it keeps that one
+        handler = signal.getsignal(signal.SIGUSR1)
+        keep_running_on_usr1()
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "ftforget-test", "SLURM_JOB_ID": "5", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
 
@@ -228,3 +250,16 @@ def test_a_fresh_fit_ignores_another_runs_hpc_checkpoint(tmp_path: Path, backbon
     steps = [json.loads(line)["step"] for line in (run / "forgetting.jsonl").read_text().splitlines()]
     assert steps == [0, 3]
     assert sorted(p.name for p in shared.iterdir()) == ["hpc_ckpt_1.ckpt"]  # nothing written beside it
+
+
+def test_no_srun_advice_where_slurm_is_installed(tmp_path: Path, stubs: Path) -> None:
+    """A machine with SLURM's srun (a login node, a workstation) runs ftforget outside a job without
+    Lightning's hint to prepend srun."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    argv = [sys.executable, "-m", "ftforget", "fit", "--config", str(DEMO / "full.yaml"),
+            "--config", str(DEMO / "common.yaml"), "--trainer.max_steps", "0"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--trainer.max_steps 0: a fit of 0 optimizer steps trains nothing" in proc.stderr
+    assert "srun" not in proc.stderr

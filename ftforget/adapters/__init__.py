@@ -1,4 +1,5 @@
-"""Network surgery in plain PyTorch (no Lightning): LoRA and Block Expansion."""
+"""Network surgery in plain PyTorch (no Lightning): LoRA and Block Expansion here; the PEFT-issue adapters
+(``bitfit``, ``ssf``, ``adaptformer``, ``prompts``, ``peft_layers``, ``intruders``) are imported from their modules."""
 
 from ftforget.adapters.block_expansion import expand, identity_copy, paper_positions
 from ftforget.adapters.lora import (

@@ -4,11 +4,14 @@
 
     ftforget export --run runs/lora_r8/version_0 --ckpt_path best --output lora_r8.safetensors
     ftforget export --ckpt_path model.ckpt --base dino_vitbase16_pretrain.pth --output task.safetensors
+    ftforget export --run runs/peft_dora/version_0 --format peft --output dora_adapter/   # PEFT's own format
 
 The file holds LoRA's A and B, Block Expansion's new blocks, top-k's blocks or full fine-tuning's whole
 backbone (the method's trainable parameters), always the head, and metadata: the base's timm name and
 SHA-256, the method and its arguments, the class names and the ftforget version. ``ftforget attach``
-puts it back onto the base.
+puts it back onto the base. ``--format peft`` (a :class:`~ftforget.methods.PeftMethod` run) writes a
+directory in Hugging Face PEFT's format instead, which ``peft.PeftModel.from_pretrained`` loads onto the
+same timm backbone (:mod:`ftforget.tasks.peft_format`; the head beside it).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ckpt_path", default=None, help="best, last (with --run; default last) or a checkpoint file"
     )
-    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument(
+        "--output", required=True, help="the .safetensors file to write (--format peft: a directory)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["ftforget", "peft"],
+        default="ftforget",
+        help="ftforget's task file (default) or, for a PeftMethod run, PEFT's adapter directory",
+    )
     parser.add_argument(
         "--base",
         default=None,
@@ -55,6 +66,14 @@ def main(argv: list[str]) -> int:
     """Runs ``ftforget export``; returns the exit status."""
     args = _parser().parse_args(argv)
     output = Path(args.output).expanduser()
+    if args.format == "peft":
+        from ftforget.methods.registry import load_method
+        from ftforget.tasks.peft_format import export_peft
+
+        ckpt, _ = resolve_source(args.run, args.ckpt_path)
+        written = export_peft(load_method(ckpt), output)
+        sys.stdout.write(f"wrote {written}/ (adapter_config.json, adapter_model.safetensors, head)\n")
+        return 0
     if output.suffix != ".safetensors" or output.is_dir():
         raise ValueError(f"--output {args.output!r}: give a file name ending in .safetensors")
     ckpt, config = resolve_source(args.run, args.ckpt_path)

@@ -51,10 +51,13 @@ DEMO_DEFAULTS = {"steps": 500, "pretrain_steps": 1000, "pretrain_seed": 0}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
-    parser = argparse.ArgumentParser(prog="ftforget sweep", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="ftforget sweep", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     parser.add_argument("configs", nargs="*", type=Path, help="config files, one run set each (or --preset)")
-    parser.add_argument("--preset", choices=["paper", "demo"],
-                        help="the paper's ten rows, or the runs of ftforget demo (pretraining included)")  # fmt: skip
+    parser.add_argument("--preset", choices=["paper", "peft", "demo"],
+                        help="the paper's ten rows, those and every PEFT method (configs/peft/), or the runs of "
+                        "ftforget demo (pretraining included)")  # fmt: skip
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="seed_everything values (default: 0)"
     )
@@ -118,7 +121,7 @@ def _demo_options(args: argparse.Namespace) -> None:
 
 def sweep_runs(args: argparse.Namespace, extra: list[str]) -> list[SweepRun]:
     if bool(args.configs) == bool(args.preset):
-        raise ValueError("ftforget sweep: give config files or --preset paper|demo (one of the two)")
+        raise ValueError("ftforget sweep: give config files or --preset paper|peft|demo (one of the two)")
     _demo_options(args)
     if args.preset == "demo":
         return demo_sweep_runs(args.output, METHODS, demo_config_dir(), _pretrained(args), args.steps,

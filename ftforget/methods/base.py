@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ftforget.backbones import DEFAULT_BACKBONE, build_backbone, feature_dim, restored_later
@@ -159,6 +160,11 @@ class FineTuningModule(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # The mean loss over the split as sums (loss x images, images) added up over the processes: Lightning's
+        # own mean of a logged value divides by the mean image count as an integer, off by one image under
+        # DDP whenever the split's size is odd. Metric states stay out of the state dict.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     @classmethod
     def describe(cls, init_args: dict[str, Any]) -> str:
@@ -287,6 +293,11 @@ class FineTuningModule(L.LightningModule):
         """Logits of a training batch (a method with cached features overrides this)."""
         return self(x)
 
+    def method_loss_terms(self) -> dict[str, torch.Tensor]:
+        """A method's own terms added to the loss of a training step, ``name -> value`` (each logged as
+        ``train/loss_<name>``, ``train/loss`` their sum with the cross-entropy); none by default."""
+        return {}
+
     def in_probe_stage(self) -> bool:
         """Whether this step is in LP-FT's first stage (``lp_steps``), where only the head trains."""
         return self.global_step < self.hparams.get("lp_steps", 0)
@@ -311,6 +322,8 @@ class FineTuningModule(L.LightningModule):
         if distill:
             assert features is not None
             terms["distill"] = hp.distill_weight * distillation_loss(features, self.frozen_features(x))
+        if not probe_stage:
+            terms.update(self.method_loss_terms())
         if terms:  # each term on its own curve; train/loss is their sum
             self.log("train/loss_ce", loss)
             for name, term in terms.items():
@@ -327,7 +340,9 @@ class FineTuningModule(L.LightningModule):
         acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
         acc1(logits, y)
         acc5(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        loss = getattr(self, f"{stage}_loss")
+        loss.update(F.cross_entropy(logits, y), weight=y.shape[0])
+        self.log(f"{stage}/loss", loss)
         self.log(f"{stage}/acc1", acc1, prog_bar=True)
         self.log(f"{stage}/acc5", acc5)
         if stage == "val" and self.trainer.state.fn == "fit":

@@ -18,12 +18,18 @@ from ftforget.methods.block_expansion import BlockExpansion
 from ftforget.methods.full import FullFineTuning
 from ftforget.methods.linear import LinearProbing
 from ftforget.methods.lora import LoRA
+from ftforget.methods.peft_method import PeftMethod
 from ftforget.methods.topk import TopKFineTuning
+from ftforget.methods.vision_peft import SSF, AdaptFormer, BitFit, VisualPromptTuning
 
-#: name -> class, in the paper's table order
+#: name -> class: the paper's table order, then the PEFT methods (issue 20)
 METHODS: dict[str, type[FineTuningModule]] = {
-    cls.__name__: cls for cls in (FullFineTuning, TopKFineTuning, LinearProbing, LoRA, BlockExpansion)
-}
+    cls.__name__: cls
+    for cls in (
+        FullFineTuning, TopKFineTuning, LinearProbing, LoRA, BlockExpansion,
+        PeftMethod, BitFit, SSF, AdaptFormer, VisualPromptTuning,
+    )
+}  # fmt: skip
 
 
 class MethodCheckpointError(ValueError):

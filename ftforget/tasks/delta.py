@@ -5,9 +5,16 @@ everything else in its state dict is the base backbone's weights, under the same
 method's surgery moved them:
 
 - LoRA wraps a Linear ``P`` as ``P.base`` (:class:`~ftforget.adapters.lora.LoRALinear`);
-- Block Expansion inserts its new blocks into ``blocks``, which renumbers the original blocks after them.
+- Block Expansion inserts its new blocks into ``blocks``, which renumbers the original blocks after them;
+- PEFT wraps a layer ``P`` as ``P.base_layer`` (any ``BaseTunerLayer``); its other frozen tensors (VeRA's
+  shared projections, BOFT's permutations) are constants its construction rebuilds, not base weights;
+- SSF wraps an operation ``P`` as ``P.op`` (:class:`~ftforget.adapters.ssf.ScaleShift`);
+- AdaptFormer moves a block's ``mlp`` to ``mlp.mlp`` and its ``norm2`` to ``mlp.norm``
+  (:class:`~ftforget.adapters.adaptformer.ParallelAdapterMLP`);
+- VPT wraps each block ``blocks.i`` as ``blocks.i.block`` (:class:`~ftforget.adapters.prompts.PromptedBlock`).
 
-:func:`base_key_map` undoes exactly these two moves, and checks the result against the base.
+:func:`base_key_map` undoes exactly these moves (the wrappers found by module identity), and checks the
+result against the base.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ import hashlib
 from collections.abc import Mapping
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ftforget.adapters.adaptformer import ParallelAdapterMLP
 from ftforget.adapters.lora import LoRALinear
+from ftforget.adapters.prompts import PromptedBlock
+from ftforget.adapters.ssf import ScaleShift
 
 #: the prefix of the backbone's keys in a method's state dict
 BACKBONE = "backbone."
@@ -59,27 +70,63 @@ def base_key_map(model: nn.Module) -> dict[str, str]:
     weights for a regulariser) is not part of the function the model computes: it is left out.
     """
     task = set(task_tensors(model))
-    lora_paths = [
-        name
-        for name, m in model.backbone.named_modules()
-        if isinstance(m, LoRALinear)  # type: ignore[union-attr]
-    ]
+    moves = _wrapper_moves(model.backbone)  # type: ignore[arg-type]
     new_blocks = _new_block_indices(model)
     out: dict[str, str] = {}
     for key in model.state_dict():
         if key in task or not key.startswith(BACKBONE):
             continue
-        name = key[len(BACKBONE) :]
-        for path in lora_paths:
-            if name.startswith(f"{path}.base."):
-                name = f"{path}.{name[len(path) + len('.base.') :]}"
-                break
+        name = _unwrapped(key[len(BACKBONE) :], moves)
+        if name is None:  # a constant of the method (e.g. VeRA's shared projections), rebuilt by it
+            continue
         if new_blocks and name.startswith("blocks."):
             _, index, rest = name.split(".", 2)
             j = int(index)
             name = f"blocks.{j - sum(1 for n in new_blocks if n < j)}.{rest}"
         out[key] = name
     return out
+
+
+def _wrapper_moves(backbone: nn.Module) -> dict[str, dict[str, str | None]]:
+    """``wrapper path -> {inner prefix: the base's prefix for it, or None for the wrapper's constants}``,
+    the more specific prefixes first (ftforget's wrappers do not nest)."""
+    moves: dict[str, dict[str, str | None]] = {}
+    for path, m in backbone.named_modules():
+        parent = path.rpartition(".")[0]
+        if isinstance(m, LoRALinear):
+            moves[path] = {"base.": f"{path}."}
+        elif isinstance(m, BaseTunerLayer):
+            moves[path] = {"base_layer.": f"{path}.", "": None}
+        elif isinstance(m, ScaleShift):
+            moves[path] = {"op.": f"{path}."}
+        elif isinstance(m, ParallelAdapterMLP):
+            moves[path] = {"mlp.": f"{path}.", "norm.": f"{parent}.norm2." if parent else "norm2."}
+        elif isinstance(m, PromptedBlock):
+            moves[path] = {"block.": f"{path}."}
+    return moves
+
+
+def _unwrapped(name: str, moves: dict[str, dict[str, str | None]]) -> str | None:
+    """The base's name of a tensor inside a wrapper (None: a constant of the wrapper); others unchanged."""
+    for path in sorted(moves, key=len, reverse=True):
+        if name.startswith(f"{path}."):
+            rest = name[len(path) + 1 :]
+            for inner, base in moves[path].items():
+                if rest.startswith(inner):
+                    return None if base is None else base + rest[len(inner) :]
+    return name
+
+
+def method_constants(model: nn.Module) -> list[str]:
+    """State-dict keys of frozen tensors the method's construction makes itself (VeRA's shared random
+    projections from their seed, AdaLoRA's rank numbers): neither the task's nor the base's."""
+    task = set(task_tensors(model))
+    moves = _wrapper_moves(model.backbone)  # type: ignore[arg-type]
+    return [
+        key
+        for key in model.state_dict()
+        if key.startswith(BACKBONE) and key not in task and _unwrapped(key[len(BACKBONE) :], moves) is None
+    ]
 
 
 def frozen_base_part(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import ftforget
 from ftforget.files import atomic_write
 from ftforget.methods.base import FineTuningModule
 from ftforget.methods.registry import method_class
-from ftforget.tasks.delta import base_key_map, state_hash, task_tensors
+from ftforget.tasks.delta import base_key_map, method_constants, state_hash, task_tensors
 
 #: the ``format`` entry of an exported task's metadata
 FORMAT = "ftforget-task/1"
@@ -236,6 +236,8 @@ def attach_task(
         if base_key not in state:
             raise ValueError(f"the base {base_source} has no weight {base_key!r}, which {task.method} needs")
         full[key] = state[base_key]
+    built = model.state_dict()
+    full.update({key: built[key] for key in method_constants(model)})  # rebuilt identically by construction
     unknown = sorted(set(task.tensors) - set(model.state_dict()))
     if unknown:
         raise ValueError(f"the task's tensors {unknown[:5]} are not weights of {task.label()}")

@@ -10,7 +10,11 @@ backbone's modules while it is active, and the base's own modules put back when 
   blocks between them; the base task runs the original sequence and skips them;
 - top-k: the last k blocks (and the final norm, if it trained) are the task's own copies;
 - full fine-tuning: the whole backbone is the task's own;
-- linear probe: nothing but the head.
+- linear probe: nothing but the head;
+- the PEFT methods (``PeftMethod``, BitFit, SSF, AdaptFormer, VPT): the task attached onto a copy of the
+  base (:func:`~ftforget.tasks.exported.attach_task`), whose backbone is the task's own while it is active
+  (exact, but it holds a backbone's worth of memory, as full fine-tuning does; sharing the base's weights
+  through PEFT's wrappers is not done yet).
 
 The base task (``None``) is the shared backbone as it was given: the pretrained function exactly.
 """
@@ -28,7 +32,10 @@ from torch import nn
 from ftforget.adapters.block_expansion import expand, paper_positions
 from ftforget.adapters.lora import LoRALinear, apply_lora
 from ftforget.tasks.delta import BACKBONE, state_hash
-from ftforget.tasks.exported import ExportedTask, check_base
+from ftforget.tasks.exported import ExportedTask, attach_task, check_base
+
+#: methods held as a whole attached backbone of their own (see the module docstring)
+ATTACHED_METHODS = ("PeftMethod", "BitFit", "SSF", "AdaptFormer", "VisualPromptTuning")
 
 #: a substitution: (parent module, child name, the task's module)
 Substitution = tuple[nn.Module, str, nn.Module]
@@ -95,6 +102,7 @@ class MultiTaskModel(nn.Module):
             "TopKFineTuning": self._top_k,
             "FullFineTuning": self._full,
             "LinearProbing": lambda _task, tensors: [],
+            **dict.fromkeys(ATTACHED_METHODS, self._attached),
         }.get(task.method)
         if builder is None:
             raise ValueError(f"the multi-task model does not know method {task.method!r}")
@@ -162,6 +170,11 @@ class MultiTaskModel(nn.Module):
             self._load_into(norm, tensors, "norm.")
             subs.append((self.backbone, "norm", norm))
         return subs
+
+    def _attached(self, task: ExportedTask, tensors: dict[str, torch.Tensor]) -> list[Substitution]:
+        with self.using(None):
+            attached = attach_task(task, self.backbone, self.base_source)
+        return [(self, "backbone", attached.backbone.requires_grad_(False).eval())]
 
     def _full(self, task: ExportedTask, tensors: dict[str, torch.Tensor]) -> list[Substitution]:
         own = copy.deepcopy(self.backbone)
