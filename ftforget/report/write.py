@@ -48,12 +48,7 @@ class Report:
 
 def _untested(groups: list[RunGroup]) -> list[tuple[str, Path]]:
     """``(row label, run directory)`` of each run without a new-task test accuracy, in the table's order."""
-    return [
-        (group.label, run.path)
-        for group in groups
-        for run in group.runs
-        if run.test_accuracy() is None
-    ]
+    return [(group.label, run.path) for group in groups for run in group.runs if run.test_accuracy() is None]
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Report:
