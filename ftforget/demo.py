@@ -145,17 +145,25 @@ def pretrained_backbone(settings: PretrainSettings, cache_dir: Path) -> Path:
 
 def pretrain_settings(config_dir: Path, args: argparse.Namespace) -> PretrainSettings:
     """Architecture and old domain from ``common.yaml`` (one source of truth), the rest from ``args``
-    (``pretrain_steps``, and ``pretrain_seed`` or else ``seed``)."""
+    (``pretrain_steps`` and ``seed``)."""
     common = yaml.safe_load((config_dir / "common.yaml").read_text())
-    model, data = common["model"]["init_args"], common["data"]["init_args"]
+    return settings_from(
+        common["model"]["init_args"], common["data"]["init_args"], args.pretrain_steps, args.seed
+    )
+
+
+def settings_from(model: dict[str, Any], data: dict[str, Any], steps: int, seed: int) -> PretrainSettings:
+    """The pretraining of the backbone that ``model`` (its ``init_args``: ``backbone``, ``backbone_kwargs``)
+    fine-tunes, on the old domain of ``data`` (its ``init_args``: ``old_digits``, ``image_size``,
+    ``split_seed``)."""
     return PretrainSettings(
         backbone=model["backbone"],
         backbone_kwargs=dict(model["backbone_kwargs"]),
         old_digits=list(data["old_digits"]),
         image_size=int(data["image_size"]),
         split_seed=int(data["split_seed"]),
-        steps=args.pretrain_steps,
-        seed=args.seed if getattr(args, "pretrain_seed", None) is None else args.pretrain_seed,
+        steps=steps,
+        seed=seed,
     )
 
 

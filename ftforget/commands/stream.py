@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ftforget.demo import PretrainSettings, pretrained_backbone
+from ftforget.demo import pretrained_backbone, settings_from
 from ftforget.stream.config import StreamConfig, StreamConfigError, fit_settings, load_stream
 from ftforget.stream.run import HOT_SWAP_FILE, METRICS_FILE, read_matrix, run_stream
 
@@ -60,16 +60,7 @@ def demo_start(config: StreamConfig, cache_dir: Path) -> Path:
             f"stream file {str(config.source)!r}: start: demo needs model.init_args.backbone/backbone_kwargs "
             f"and data.init_args.old_digits/image_size/split_seed in the method's files or common (missing {missing})"
         )
-    pretrain = PretrainSettings(
-        backbone=model["backbone"],
-        backbone_kwargs=dict(model["backbone_kwargs"]),
-        old_digits=list(data["old_digits"]),
-        image_size=int(data["image_size"]),
-        split_seed=int(data["split_seed"]),
-        steps=config.pretrain_steps,
-        seed=config.seed,
-    )
-    return pretrained_backbone(pretrain, cache_dir)
+    return pretrained_backbone(settings_from(model, data, config.pretrain_steps, config.seed), cache_dir)
 
 
 def check_tasks(config: StreamConfig, start: Path, root: Path) -> None:
