@@ -100,6 +100,13 @@ class LoRALinear(nn.Module):
             rows.append(rows[-1].new_zeros(self.out_features - cursor, n * r))
         return torch.cat(rows)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, ``W + scale · B_full @ A_cat`` (differentiable in A and B;
+        ``W`` itself when disabled or merged, where the update is off or already inside ``W``)."""
+        if not self.enabled or self.merged:
+            return self.base.weight
+        return self.base.weight + (self._b_full() @ self._a_cat()) * self.scale
+
     @torch.no_grad()
     def merge(self) -> None:
         """Adds the updates into the base weight (idempotent). :meth:`unmerge` restores it bit-exactly.

@@ -27,9 +27,11 @@ from ftforget.inference import eval_mode
 from ftforget.methods.regularizers import (
     OPTION,
     Anchors,
+    anchor_state,
     check_weight,
     distillation_loss,
     frozen_copy,
+    l2sp_distance,
     l2sp_penalty,
     load_head,
     regularizer_suffix,
@@ -103,6 +105,11 @@ class FineTuningModule(L.LightningModule):
             backbone feature and the frozen step-0 network's on the training batch; 0: off. Logged as
             ``train/loss_distill``. LoRA and Block Expansion need no second copy of the backbone; full and
             top-k fine-tuning keep a frozen one.
+        anchor_weights: what L2-SP and distillation pull toward: ``None``, this run's step-0 backbone; a
+            backbone weights file (as ``checkpoint``), those weights (a stream's pretrained start, where
+            each task starts from the previous one's end). With a file, L2-SP sums over the backbone
+            weights the method changes (:meth:`anchored_weights`) and distillation keeps a frozen network
+            built from the file. Read once, when the run starts (a resume brings both back).
         lp_steps: LP-FT inside one run: for the first ``lp_steps`` optimizer steps only the head trains (a
             linear probe), then the method; 0: off.
         head_from: LP-FT from a linear-probe run: a run directory (its best checkpoint) or a ``.ckpt`` whose
@@ -125,6 +132,7 @@ class FineTuningModule(L.LightningModule):
         compile: bool = False,
         l2sp_weight: float = 0.0,
         distill_weight: float = 0.0,
+        anchor_weights: str | None = None,
         lp_steps: int = 0,
         head_from: str | None = None,
     ) -> None:
@@ -135,6 +143,19 @@ class FineTuningModule(L.LightningModule):
         check_weight("distill_weight", distill_weight)
         if lp_steps < 0:
             raise ValueError(f"{OPTION}.lp_steps must be >= 0, got {lp_steps}")
+        if anchor_weights is not None and not (l2sp_weight or distill_weight):
+            raise ValueError(
+                f"{OPTION}.anchor_weights is the anchor of L2-SP and distillation: set "
+                f"{OPTION}.l2sp_weight or {OPTION}.distill_weight too (both are 0)"
+            )
+        if (
+            anchor_weights is not None
+            and not restored_later()
+            and not Path(anchor_weights).expanduser().is_file()
+        ):
+            raise FileNotFoundError(
+                f"{OPTION}.anchor_weights: backbone weights file {anchor_weights!r} does not exist"
+            )
         # The recipe itself goes into the hyperparameters (not None): a checkpoint rebuilds the same one
         # even if the defaults change.
         optimizer, lr_scheduler = (
@@ -205,10 +226,41 @@ class FineTuningModule(L.LightningModule):
                     "nothing to regularise or to stage (set them to 0)"
                 )
             return
-        if hp.get("l2sp_weight"):
-            self.l2sp_anchors = Anchors(trainable)
-        if hp.get("distill_weight") and self.pretrained_context() is None:
-            self.distill_teacher = frozen_copy(self.backbone)
+        anchor = hp.get("anchor_weights")
+        if anchor is None:
+            if hp.get("l2sp_weight"):
+                self.l2sp_anchors = Anchors(trainable)
+            if hp.get("distill_weight") and self.pretrained_context() is None:
+                self.distill_teacher = frozen_copy(self.backbone)
+            return
+        # A fixed anchor: its tensors and teacher are buffers and parameters of this module, so a restore
+        # (weights restored later) builds placeholders of the right shapes and the checkpoint fills them.
+        values = {n: w.detach() for n, w in self.anchored_weights().items()} if hp.get("l2sp_weight") else {}
+        network = None
+        if restored_later():
+            state = values
+            if hp.get("distill_weight"):
+                network = frozen_copy(self.backbone)
+        else:
+            state, network = anchor_state(hp.backbone, anchor, hp.backbone_kwargs or {})
+        if values:
+            missing = [n for n in values if n not in state or state[n].shape != values[n].shape]
+            if missing:
+                raise ValueError(
+                    f"{OPTION}.anchor_weights: {type(self).__name__} trains weights with no counterpart of "
+                    f"the same shape in {anchor!r} (e.g. {missing[0]!r})"
+                )
+            self.l2sp_anchors = Anchors([(n, state[n]) for n in values])
+        if hp.get("distill_weight"):
+            self.distill_teacher = network
+
+    def anchored_weights(self) -> dict[str, torch.Tensor]:
+        """The backbone weights this method changes, under their timm names, as functions of what trains
+        (differentiable): L2-SP's terms against a fixed anchor (``anchor_weights``). Here the trainable
+        backbone parameters themselves (full and top-k fine-tuning); a method whose trainable tensors are
+        not backbone weights overrides it (LoRA) or raises (Block Expansion's new blocks).
+        """
+        return {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of backbone and head (a distillation teacher's not counted)."""
@@ -226,7 +278,7 @@ class FineTuningModule(L.LightningModule):
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature of the frozen step-0 network (feature distillation's target), in eval mode, no grad."""
         with torch.no_grad():
-            context = self.pretrained_context()
+            context = None if hasattr(self, "distill_teacher") else self.pretrained_context()
             if context is None:
                 teacher = self.distill_teacher
                 teacher.eval()
@@ -318,7 +370,10 @@ class FineTuningModule(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
         terms: dict[str, torch.Tensor] = {}
         if hp.get("l2sp_weight") and not probe_stage:
-            terms["l2sp"] = hp.l2sp_weight * l2sp_penalty(self.backbone, self.l2sp_anchors)
+            if hp.get("anchor_weights") is None:
+                terms["l2sp"] = hp.l2sp_weight * l2sp_penalty(self.backbone, self.l2sp_anchors)
+            else:
+                terms["l2sp"] = hp.l2sp_weight * l2sp_distance(self.anchored_weights(), self.l2sp_anchors)
         if distill:
             assert features is not None
             terms["distill"] = hp.distill_weight * distillation_loss(features, self.frozen_features(x))
@@ -381,8 +436,26 @@ class FineTuningModule(L.LightningModule):
             }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._match_teacher_depth(checkpoint.get("state_dict") or {})
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_states(checkpoint[RNG_KEY])
+
+    def _match_teacher_depth(self, state: dict[str, Any]) -> None:
+        """A restored distillation teacher of a fixed anchor was built as a placeholder copy of this backbone;
+        where the checkpoint's teacher has another number of blocks (Block Expansion in a stream: the anchor
+        is the shallower start), the placeholder is rebuilt with that many, so the state dict loads strictly."""
+        teacher = getattr(self, "distill_teacher", None)
+        if teacher is None or not self.hparams.get("anchor_weights") or not hasattr(teacher, "blocks"):
+            return
+        blocks = {k.split(".")[2] for k in state if k.startswith("distill_teacher.blocks.")}
+        if not blocks or len(blocks) == len(teacher.blocks):
+            return
+        from ftforget.backbones import weights_restored_later
+
+        kwargs = {**(self.hparams.backbone_kwargs or {}), "depth": len(blocks)}
+        with weights_restored_later():
+            rebuilt = frozen_copy(build_backbone(self.hparams.backbone, **kwargs))
+        self.distill_teacher = rebuilt.to(next(teacher.parameters()).device)
 
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
+
 from ftforget.adapters.block_expansion import expand, expansion_skipped, paper_positions
 from ftforget.methods.base import FineTuningModule
 
@@ -41,6 +43,14 @@ class BlockExpansion(FineTuningModule):
         self.new_block_indices = expand(self.backbone, chosen)
         new_blocks = [self.backbone.blocks[i] for i in self.new_block_indices]
         self.set_trainable([*new_blocks, self.head])
+
+    def anchored_weights(self) -> dict[str, torch.Tensor]:
+        """Refused: the new blocks Block Expansion trains have no counterpart in another network's weights
+        (their indices name other blocks there), so L2-SP to a fixed anchor has nothing to compare."""
+        raise ValueError(
+            "model.init_args.anchor_weights with l2sp_weight: Block Expansion trains new blocks, which have no "
+            "counterpart in the anchor's weights; use distill_weight (distillation to the anchor) instead"
+        )
 
     def pretrained_context(self) -> AbstractContextManager:
         """The network without its new blocks: the pretrained function, with no copy of any weight."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ftforget.adapters.lora import (
+    LoRALinear,
     apply_lora,
     lora_disabled,
     lora_merged,
@@ -75,6 +76,15 @@ class LoRA(FineTuningModule):
     def pretrained_context(self) -> AbstractContextManager:
         """The adapters switched off: the pretrained function, with no copy of any weight."""
         return self.adapter_disabled()
+
+    def anchored_weights(self) -> dict[str, torch.Tensor]:
+        """Each adapted projection's weight with its update (``P.weight``: ``W + scale · B @ A``): L2-SP
+        to a fixed anchor (``anchor_weights``) pulls the function, not the adapters, toward it."""
+        return {
+            f"{path}.weight": module.effective_weight()
+            for path, module in self.backbone.named_modules()
+            if isinstance(module, LoRALinear)
+        }
 
     @torch.no_grad()
     def apply_knob(self, start: FineTuningModule, a: float) -> None:

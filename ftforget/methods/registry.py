@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ftforget.backbones import weights_restored_later
 from ftforget.methods.base import METHOD_KEY, FineTuningModule
 from ftforget.methods.block_expansion import BlockExpansion
 from ftforget.methods.full import FullFineTuning
@@ -115,7 +116,8 @@ def load_method(ckpt_path: str | os.PathLike[str], **overrides: Any) -> FineTuni
     except MethodCheckpointError as err:
         raise MethodCheckpointError(f"{str(path)!r}: {err}") from None
     kwargs = {"pretrained": False, **overrides}
-    model = cls.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True, **kwargs)
+    with weights_restored_later():  # the state dict holds every weight (an anchor's and a teacher's too)
+        model = cls.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True, **kwargs)
     return model.eval()
 
 

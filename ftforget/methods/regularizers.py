@@ -15,6 +15,13 @@ bit-identical to the plain method.
   with the adapters disabled, Block Expansion without its new blocks. Full and top-k fine-tuning keep a
   frozen copy of the backbone (for ViT-B/16: 85.8M parameters, 343 MB in fp32, also stored in checkpoints)
   and spend one more forward pass (no backward) per step.
+- **The anchor** of both, ``anchor_weights``: by default ``θ0`` and ``f0`` are this run's step-0 backbone.
+  A backbone weights file instead (the same formats as ``checkpoint``) makes both pull toward those
+  weights: in a stream (:mod:`ftforget.stream`), where each task starts from the previous task's end,
+  the pretrained start rather than the previous task. L2-SP is then measured on the backbone's weights
+  under their timm names (:meth:`~ftforget.methods.base.FineTuningModule.anchored_weights`; LoRA: each
+  adapted projection's weight with its update, ``W + scale · B @ A``), and distillation keeps a frozen
+  network built from the file (a second copy for every method).
 - **LP-FT** (Kumar et al., 2022): the head is first trained as a linear probe, then the method trains. Either
   from a linear-probe run (``head_from``: its checkpoint's head initialises this run's head) or as a first
   stage inside one run (``lp_steps``: for the first steps only the head gets gradients; the backbone's
@@ -39,10 +46,11 @@ OPTION = "model.init_args"
 def regularizer_suffix(init_args: dict) -> str:
     """How a table names the baselines switched on, e.g. `` + L2-SP 0.01 + LP-FT 50 steps``."""
     parts = []
+    to = " to anchor" if init_args.get("anchor_weights") else ""
     if init_args.get("l2sp_weight"):
-        parts.append(f"L2-SP {init_args['l2sp_weight']:g}")
+        parts.append(f"L2-SP {init_args['l2sp_weight']:g}{to}")
     if init_args.get("distill_weight"):
-        parts.append(f"distill {init_args['distill_weight']:g}")
+        parts.append(f"distill {init_args['distill_weight']:g}{to}")
     if init_args.get("lp_steps"):
         parts.append(f"LP-FT {init_args['lp_steps']} steps")
     if init_args.get("head_from"):
@@ -79,6 +87,42 @@ def l2sp_penalty(module: nn.Module, anchors: Anchors) -> torch.Tensor:
         theta = params[name]
         total = total + (theta - anchors.anchor(name).to(theta.dtype)).pow(2).sum()
     return total
+
+
+def l2sp_distance(values: dict[str, torch.Tensor], anchors: Anchors) -> torch.Tensor:
+    """``Σ ||w - w0||²`` over ``values`` (name -> the current, differentiable weight), ``w0`` its anchor."""
+    total = torch.zeros((), device=next(iter(values.values())).device)
+    for name in anchors.names:
+        value = values[name]
+        total = total + (value - anchors.anchor(name).to(value.dtype)).pow(2).sum()
+    return total
+
+
+def anchor_state(name: str, path: str, backbone_kwargs: dict) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """The backbone ``name`` built from the weights file ``path`` (frozen, eval mode) and its state dict.
+
+    ``backbone_kwargs`` are the run's; where the file holds another number of blocks than their ``depth``
+    (a stream of Block Expansion grows the network every task, the anchor is its start), the file's count
+    is used.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (named as the option).
+    """
+    from ftforget.backbones import CheckpointError, _read_file, build_backbone, normalize_state_dict
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{OPTION}.anchor_weights: backbone weights file {path!r} does not exist")
+    kwargs = dict(backbone_kwargs or {})
+    if "depth" in kwargs:
+        blocks = {k.split(".")[1] for k in normalize_state_dict(_read_file(file)) if k.startswith("blocks.")}
+        if blocks:
+            kwargs["depth"] = len(blocks)
+    try:
+        network = frozen_copy(build_backbone(name, checkpoint=file, **kwargs))
+    except CheckpointError as err:
+        raise CheckpointError(f"{OPTION}.anchor_weights: {err}") from None
+    return {k: v.detach() for k, v in network.state_dict().items()}, network
 
 
 def distillation_loss(features: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
