@@ -81,6 +81,8 @@ def check_tasks(config: StreamConfig, start: Path, root: Path) -> None:
         configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
         argv = [a for c in configs for a in ("--config", str(c))]
         argv += ["--model.init_args.checkpoint", str(start), "--trainer.logger", "false"]
+        if config.anchor == "start":
+            argv += ["--model.init_args.anchor_weights", str(start)]
         try:
             run_lightning(argv, run=False).datamodule.check_inputs("fit")
         except (ValueError, TypeError, FileNotFoundError) as err:

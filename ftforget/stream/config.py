@@ -13,6 +13,8 @@ A stream file is YAML::
       - {name: d45, config: {data: {init_args: {new_digits: [4, 5]}}}}
       - {name: d67, config: {data: {init_args: {new_digits: [6, 7]}}}}
     hot_swap: true         # also fit every task alone from `start`, and route (ftforget.stream.hotswap)
+    anchor: previous       # L2-SP / distillation pull toward each task's start (the previous task's end),
+                           # or `start`: toward the stream's start weights (the pretrained model)
 
 ``ftforget stream --method FILE ...`` replaces ``method`` (paths relative to the working directory), so
 one stream file serves every method.
@@ -38,7 +40,10 @@ KEYS = {
     "common",
     "tasks",
     "hot_swap",
+    "anchor",
 }
+#: what a stream's L2-SP and distillation pull toward (``anchor``)
+ANCHORS = ("previous", "start")
 #: a task name becomes part of a directory name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -65,6 +70,9 @@ class StreamConfig:
         start: the first task's backbone weights file, or ``"demo"``: pretrained as ``ftforget demo`` does.
         hot_swap: also fit every task alone from ``start`` (the references of the single-task transfer and
             the hot-swap alternative, :mod:`ftforget.stream.hotswap`).
+        anchor: the anchor of the method's L2-SP (``l2sp_weight``) and distillation (``distill_weight``):
+            ``previous``, each task's own start (the weights the previous task ended with: the methods'
+            default); ``start``, the stream's start weights for every task (``anchor_weights``).
     """
 
     source: Path
@@ -77,11 +85,13 @@ class StreamConfig:
     checkpoint_every: int = 10
     common: dict[str, Any] = field(default_factory=dict)
     hot_swap: bool = False
+    anchor: str = "previous"
 
     @property
     def method_name(self) -> str:
-        """The stream's method as a directory name: its first config file's stem (``full``, ``lora``)."""
-        return self.method[0].stem
+        """The stream's method as a directory name: its first config file's stem (``full``, ``lora``),
+        with ``_anchor-start`` for ``anchor: start``."""
+        return self.method[0].stem + ("_anchor-start" if self.anchor == "start" else "")
 
 
 def _int(raw: dict[str, Any], key: str, default: int, minimum: int, where: str) -> int:
@@ -164,7 +174,10 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise StreamConfigError(f"{where}: common must be a mapping of fit settings")
-    return StreamConfig(
+    anchor = raw.get("anchor", "previous")
+    if anchor not in ANCHORS:
+        raise StreamConfigError(f"{where}: anchor must be one of {list(ANCHORS)}, got {anchor!r}")
+    config = StreamConfig(
         source=path,
         method=[Path(m) for m in method],
         tasks=_tasks(raw.get("tasks"), where),
@@ -175,7 +188,18 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
         checkpoint_every=_int(raw, "checkpoint_every", 10, 1, where),
         common=common,
         hot_swap=hot_swap,
+        anchor=anchor,
     )
+    if anchor == "start":
+        for task in config.tasks:
+            args = fit_settings(config, task).get("model", {}).get("init_args", {})
+            if not (args.get("l2sp_weight") or args.get("distill_weight")):
+                raise StreamConfigError(
+                    f"{where}: anchor: start anchors L2-SP and distillation, but task {task.name!r}'s method "
+                    "sets neither model.init_args.l2sp_weight nor distill_weight (e.g. --method "
+                    "configs/demo/full_l2sp.yaml)"
+                )
+    return config
 
 
 def merged(*configs: dict[str, Any]) -> dict[str, Any]:

@@ -103,6 +103,7 @@ def prepare(config: StreamConfig, start: Path, root: Path) -> None:
     if copy.is_file():
         before = yaml.safe_load(copy.read_text())
         before.pop("hot_swap", None)
+        before.setdefault("anchor", "previous")  # a stream started before the key existed
         if before != yaml.safe_load(yaml.safe_dump(record, sort_keys=False)):
             raise StreamConfigError(
                 f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
@@ -124,11 +125,13 @@ def task_run(
     backbone_kwargs: dict[str, Any] | None = None,
     threads: int = 1,
     prefix: str = "",
+    start: Path | None = None,
 ) -> TaskRun:
     """Task ``index``'s sub-run: the method's configs, ``common``, the task's settings; the backbone
     ``checkpoint`` (the stream's start, or the one carried out of the previous task, with the
     ``backbone_kwargs`` that build it); ``steps`` steps; the probe at log-spaced steps. ``prefix`` names
-    another sub-run of the same task (``ref-``: a hot-swap reference)."""
+    another sub-run of the same task (``ref-``: a hot-swap reference). With ``anchor: start``, ``start``
+    (the stream's start weights) is every task's ``anchor_weights``."""
     name = task_dir_name(index, config.tasks[index].name)
     configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
     extra = [
@@ -138,6 +141,10 @@ def task_run(
         *("--checkpoint.every_n_train_steps", str(config.checkpoint_every)),
         *("--threads", str(threads)),
     ]
+    if config.anchor == "start":
+        if start is None:
+            raise ValueError("task_run: anchor: start needs the stream's start weights")
+        extra += ["--model.init_args.anchor_weights", str(start)]
     if backbone_kwargs is not None:  # Block Expansion's carried backbone is deeper than the method's
         extra += ["--model.init_args.backbone_kwargs", json.dumps(backbone_kwargs, sort_keys=True)]
     return TaskRun(prefix + name, config.seed, configs, root, extra, test_ckpt="last")
@@ -246,7 +253,7 @@ def run_stream(
     checkpoint, kwargs = start, None
     began = time.perf_counter()
     for index, task in enumerate(config.tasks):
-        run = task_run(config, root, index, checkpoint, kwargs, threads)
+        run = task_run(config, root, index, checkpoint, kwargs, threads, start=start)
         runs.append(run)
         say(f"task {index + 1}/{len(config.tasks)} {run.name}")
         run_sweep([run], stage, say)
@@ -287,7 +294,7 @@ def hot_swap(
     writes and returns :func:`~ftforget.stream.hotswap.hot_swap_results`."""
     references = [runs[0]]
     for index in range(1, len(config.tasks)):
-        run = task_run(config, root, index, start, None, threads, prefix="ref-")
+        run = task_run(config, root, index, start, None, threads, prefix="ref-", start=start)
         say(f"hot-swap reference {index + 1}/{len(config.tasks)} {run.name}")
         run_sweep([run], stage, say)
         references.append(run)
