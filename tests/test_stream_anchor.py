@@ -8,6 +8,10 @@ import torch
 import yaml
 
 from ftforget.commands import main
+from ftforget.commands.stream import check_tasks
+from ftforget.resources import config_dir, demo_config_dir
+from ftforget.stream.config import fit_settings, load_stream
+from ftforget.stream.run import stream_dir
 from tests.test_stream import TASKS, stream_file
 
 
@@ -60,3 +64,18 @@ def test_block_expansion_with_l2sp_to_the_start_fails_before_any_fit(tmp_path, b
     err = capsys.readouterr().err
     assert "task 1-d45 does not build" in err and "Block Expansion trains new blocks" in err, err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_the_distillation_overlay_builds_every_task_of_the_shipped_stream(tmp_path, backbone) -> None:
+    methods = [
+        demo_config_dir() / "full.yaml",
+        demo_config_dir() / "common.yaml",
+        config_dir() / "stream" / "distill.yaml",
+    ]
+    config = load_stream(config_dir() / "stream" / "digits.yaml", methods)
+    assert config.method_name == "full+distill"
+    assert stream_dir(tmp_path, config) == tmp_path / "full+distill" / "seed0"
+    for task in config.tasks:
+        assert fit_settings(config, task)["model"]["init_args"]["distill_weight"] == 1.0
+    check_tasks(config, backbone, tmp_path / "stream")  # raises if a task does not build
+    assert load_stream(config_dir() / "stream" / "digits.yaml").method_name == "full"

@@ -89,9 +89,11 @@ class StreamConfig:
 
     @property
     def method_name(self) -> str:
-        """The stream's method as a directory name: its first config file's stem (``full``, ``lora``),
-        with ``_anchor-start`` for ``anchor: start``."""
-        return self.method[0].stem + ("_anchor-start" if self.anchor == "start" else "")
+        """The stream's method as a directory name: its config files' stems but ``common`` joined by ``+``
+        (``full``, ``lora``, ``full+distill`` for ``--method full.yaml --method common.yaml --method
+        distill.yaml``), with ``_anchor-start`` for ``anchor: start``."""
+        stems = [m.stem for m in self.method if m.stem != "common"] or [self.method[0].stem]
+        return "+".join(stems) + ("_anchor-start" if self.anchor == "start" else "")
 
 
 def _int(raw: dict[str, Any], key: str, default: int, minimum: int, where: str) -> int:
