@@ -13,6 +13,8 @@ A stream file is YAML::
       - {name: d45, config: {data: {init_args: {new_digits: [4, 5]}}}}
       - {name: d67, config: {data: {init_args: {new_digits: [6, 7]}}}}
     hot_swap: true         # also fit every task alone from `start`, and route (ftforget.stream.hotswap)
+    heads: task            # task: a new head per task, every head kept (task-incremental, the default);
+                           # shared: one head over the classes of every task so far (class-incremental)
 
 ``ftforget stream --method FILE ...`` replaces ``method`` (paths relative to the working directory), so
 one stream file serves every method.
@@ -38,7 +40,10 @@ KEYS = {
     "common",
     "tasks",
     "hot_swap",
+    "heads",
 }
+#: ``heads``: a new head per task (task-incremental), or one head over every class so far (class-incremental)
+HEADS = ("task", "shared")
 #: a task name becomes part of a directory name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -65,6 +70,9 @@ class StreamConfig:
         start: the first task's backbone weights file, or ``"demo"``: pretrained as ``ftforget demo`` does.
         hot_swap: also fit every task alone from ``start`` (the references of the single-task transfer and
             the hot-swap alternative, :mod:`ftforget.stream.hotswap`).
+        heads: ``task``: each task's fit has its own head over its own classes, every head kept
+            (task-incremental); ``shared``: task ``i``'s head covers the classes of tasks ``1..i`` (earlier
+            tasks' first), its first rows start from task ``i-1``'s trained head (class-incremental).
     """
 
     source: Path
@@ -77,6 +85,7 @@ class StreamConfig:
     checkpoint_every: int = 10
     common: dict[str, Any] = field(default_factory=dict)
     hot_swap: bool = False
+    heads: str = "task"
 
     @property
     def method_name(self) -> str:
@@ -161,6 +170,9 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
     hot_swap = raw.get("hot_swap", False)
     if not isinstance(hot_swap, bool):
         raise StreamConfigError(f"{where}: hot_swap must be true or false, got {hot_swap!r}")
+    heads = raw.get("heads", "task")
+    if heads not in HEADS:
+        raise StreamConfigError(f"{where}: heads must be one of {list(HEADS)}, got {heads!r}")
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise StreamConfigError(f"{where}: common must be a mapping of fit settings")
@@ -175,6 +187,7 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
         checkpoint_every=_int(raw, "checkpoint_every", 10, 1, where),
         common=common,
         hot_swap=hot_swap,
+        heads=heads,
     )
 
 
