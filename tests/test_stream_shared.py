@@ -230,3 +230,18 @@ def test_a_shared_head_stream_end_to_end_and_after_a_kill(tmp_path, backbone, ca
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     for file in ("accuracy_matrix.json", "stream_metrics.json"):
         assert (root / file).read_text() == (cut / file).read_text()
+
+    # hot_swap switched on afterwards: the references are single-task fits with their own heads; the
+    # single-task transfer (within a task's classes) is not comparable with a shared head's R[j][j]: null
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "hot_swap": True}))
+    assert _run(path, tmp_path / "whole") == 0
+    assert (root / "accuracy_matrix.json").read_text() == (cut / "accuracy_matrix.json").read_text()
+    for i in (1, 2):
+        init = yaml.safe_load((root / f"ref-{NAMES[i]}" / "config.yaml").read_text())["model"]["init_args"]
+        assert init["label_offset"] == 0 and init["checkpoint"] == str(backbone)
+    swap = json.loads((root / "hot_swap.json").read_text())
+    metrics = json.loads((root / "stream_metrics.json").read_text())
+    assert (
+        len(swap["oracle"]) == 3 and metrics["reference"] is None and metrics["single_task_transfer"] is None
+    )
+    assert "hot-swap (each task alone from the start weights)" in capsys.readouterr().out
