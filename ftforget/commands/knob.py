@@ -135,7 +135,10 @@ def knob_points(
         record["drop_abs_ci"] = list(bootstrap_drop_ci(lost, gained, result.num_queries))
         with measurement_mode(model):
             for split, loader in loaders.items():
-                record[f"new_task_{split}_acc1"] = loader_top1(model, loader, device, dtype)
+                offset = int(end.hparams.get("label_offset", 0))  # a class-incremental head
+                record[f"new_task_{split}_acc1"] = loader_top1(
+                    model, loader, device, dtype, label_offset=offset
+                )
         records.append(record)
         del model
     return records

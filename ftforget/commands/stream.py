@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftforget stream",
         description="A continual stream: the tasks of a stream file fine-tuned one after another with one "
-        "method, each from the previous task's final weights, with a new head per task; the "
+        "method, each from the previous task's final weights, with a new head per task (or, with the stream "
+        "file's `heads: shared`, one head over every class so far); the "
         "pretraining-domain probe over the whole stream and the accuracy matrix R[i, j]. Run it again to go "
         "on after an interruption.",
     )
@@ -134,7 +135,11 @@ def main(argv: list[str]) -> int:
     finally:
         torch.set_num_threads(threads)  # main() may be called in a process that goes on (tests)
     metrics = json.loads((root / METRICS_FILE).read_text())
-    sys.stdout.write("\nAccuracy R[i, j] (%) on task j's test split after training task i:\n\n")
+    if metrics.get("heads") == "shared":
+        how = "task i's shared head, the argmax over the classes of tasks 1..i (class-incremental)"
+    else:
+        how = "task j's own head (task-incremental)"
+    sys.stdout.write(f"\nAccuracy R[i, j] (%) on task j's test split after training task i, {how}:\n\n")
     sys.stdout.write(matrix_table(root) + "\n\n")
     for key in ("average_accuracy", "average_forgetting", "backward_transfer"):
         value = metrics[key]

@@ -447,7 +447,8 @@ class ForgettingCallback(L.Callback):
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
         dtype = to_dtype(self.config.autocast_dtype)
-        return loader_top1(pl_module, loader, pl_module.device, dtype, self.config.batch_size)
+        offset = int(getattr(pl_module, "hparams", {}).get("label_offset", 0))  # a class-incremental head
+        return loader_top1(pl_module, loader, pl_module.device, dtype, self.config.batch_size, offset)
 
     def _records(
         self, step: int, epoch: int, result: dict[str, Any], new_acc: float | None, seconds: float

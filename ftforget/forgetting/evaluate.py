@@ -33,10 +33,12 @@ def loader_top1(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     batch_size: int = 1,
+    label_offset: int = 0,
 ) -> float | None:
     """Top-1 of ``model``'s logits on ``loader``'s dataset (its batch size, else ``batch_size``; its workers
     and collate function), each sample counted once over the ranks; None if the dataset is empty. Every
-    rank must call it; the caller sets the mode (:func:`ftforget.inference.measurement_mode`)."""
+    rank must call it; the caller sets the mode (:func:`ftforget.inference.measurement_mode`). A label
+    ``y`` is class ``y + label_offset`` of the logits (a class-incremental head, the model's ``label_offset``)."""
     sharded = sharded_loader(
         loader.dataset,
         loader.batch_size or batch_size,
@@ -49,7 +51,7 @@ def loader_top1(
         x, y = batch[0].to(device), batch[1].to(device)
         with autocast_context(device, autocast_dtype):
             logits = model(x)
-        correct += int((logits.argmax(dim=1) == y).sum())
+        correct += int((logits.argmax(dim=1) == y + label_offset).sum())
         total += len(y)
     correct, total = all_reduce_sum([correct, total], device)
     return correct / total if total else None

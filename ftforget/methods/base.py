@@ -33,6 +33,7 @@ from ftforget.methods.regularizers import (
     frozen_copy,
     l2sp_distance,
     l2sp_penalty,
+    load_earlier_head,
     load_head,
     regularizer_suffix,
 )
@@ -114,6 +115,14 @@ class FineTuningModule(L.LightningModule):
             linear probe), then the method; 0: off.
         head_from: LP-FT from a linear-probe run: a run directory (its best checkpoint) or a ``.ckpt`` whose
             head initialises this model's head (same backbone and classes). Read once, when the run starts.
+        label_offset: class-incremental learning (one head shared by the tasks of a stream,
+            ``ftforget stream`` with ``heads: shared``): the number of earlier classes the head keeps before
+            this task's. The head then has ``label_offset + num_classes`` outputs and this task's labels
+            ``y`` are ``y + label_offset`` for the loss and the train/val/test accuracies (argmax over every
+            output); 0: a head over this task's classes only.
+        earlier_head_from: with ``label_offset``: a ``.ckpt`` whose head (over the ``label_offset`` earlier
+            classes) initialises this head's first rows, copied exactly; this task's rows start as a new
+            head's. Read once, when the run starts.
     """
 
     #: how tables and figures name the method; ``{arg}`` fields are filled from its init arguments
@@ -135,6 +144,8 @@ class FineTuningModule(L.LightningModule):
         anchor_weights: str | None = None,
         lp_steps: int = 0,
         head_from: str | None = None,
+        label_offset: int = 0,
+        earlier_head_from: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -156,6 +167,12 @@ class FineTuningModule(L.LightningModule):
             raise FileNotFoundError(
                 f"{OPTION}.anchor_weights: backbone weights file {anchor_weights!r} does not exist"
             )
+        if not isinstance(label_offset, int) or label_offset < 0:
+            raise ValueError(f"{OPTION}.label_offset must be an integer >= 0, got {label_offset!r}")
+        if earlier_head_from is not None and not label_offset:
+            raise ValueError(
+                f"{OPTION}.earlier_head_from needs {OPTION}.label_offset > 0 (the earlier classes)"
+            )
         # The recipe itself goes into the hyperparameters (not None): a checkpoint rebuilds the same one
         # even if the defaults change.
         optimizer, lr_scheduler = (
@@ -169,10 +186,16 @@ class FineTuningModule(L.LightningModule):
         self.backbone = build_backbone(
             backbone, checkpoint=checkpoint, pretrained=pretrained, **(backbone_kwargs or {})
         )
+        num_classes += label_offset  # class-incremental: the earlier classes' outputs first
         self.head = nn.Linear(feature_dim(self.backbone), num_classes)
         if head_from is not None and not restored_later():  # a restore brings the trained head back
             source = load_head(head_from, self.head)
             rank_zero_info(f"{type(self).__name__}: head initialised from {source} (LP-FT)")
+        if earlier_head_from is not None and not restored_later():
+            source = load_earlier_head(earlier_head_from, self.head, label_offset)
+            rank_zero_info(
+                f"{type(self).__name__}: the {label_offset} earlier classes' head rows from {source}"
+            )
         # Kept out of the module tree so that state-dict keys and checkpoints do not change.
         self._compiled: list[nn.Module] = []
         top5 = min(5, num_classes)
@@ -202,7 +225,8 @@ class FineTuningModule(L.LightningModule):
             label = (cls.table_label or cls.__name__).format(**args)
         except (KeyError, IndexError):
             label = cls.__name__
-        return label + regularizer_suffix(args)
+        shared = f" + {args['label_offset']} earlier classes" if args.get("label_offset") else ""
+        return label + regularizer_suffix(args) + shared
 
     # ----------------------------------------------------------------------------------- trainability
     def set_trainable(self, modules: Iterable[nn.Module | nn.Parameter]) -> None:
@@ -354,8 +378,13 @@ class FineTuningModule(L.LightningModule):
         """Whether this step is in LP-FT's first stage (``lp_steps``), where only the head trains."""
         return self.global_step < self.hparams.get("lp_steps", 0)
 
+    def task_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The task's labels as this head's classes: ``y + label_offset`` (``y`` itself without one)."""
+        offset = self.hparams.get("label_offset", 0)
+        return y + offset if offset else y
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+        x, y = batch[0], self.task_labels(batch[1])
         hp = self.hparams
         probe_stage = self.in_probe_stage()
         distill = bool(hp.get("distill_weight")) and not probe_stage
@@ -390,7 +419,7 @@ class FineTuningModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> None:
-        x, y = batch[0], batch[1]
+        x, y = batch[0], self.task_labels(batch[1])
         logits = self(x)
         acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
         acc1(logits, y)
@@ -432,7 +461,7 @@ class FineTuningModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             checkpoint["hyper_parameters"] = {
-                **hparams, "checkpoint": None, "pretrained": False, "head_from": None
+                **hparams, "checkpoint": None, "pretrained": False, "head_from": None, "earlier_head_from": None
             }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -170,3 +170,38 @@ def load_head(source: str, head: nn.Linear) -> str:
         head.weight.copy_(weight)
         head.bias.copy_(bias)
     return str(path)
+
+
+def load_earlier_head(source: str, head: nn.Linear, rows: int) -> str:
+    """Copies the head of a checkpoint into the first ``rows`` rows of ``head`` (``earlier_head_from``, a
+    class-incremental task: the earlier tasks' classes come first); the other rows are left as they are.
+
+    Args:
+        source: a ``.ckpt`` file (a stream gives the previous task's ``last.ckpt``).
+        head: this model's head, over ``rows`` earlier classes and this task's.
+        rows: the earlier classes (``label_offset``); the checkpoint's head must have exactly as many.
+
+    Returns:
+        The checkpoint file the rows came from.
+    """
+    option = f"{OPTION}.earlier_head_from"
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}: checkpoint file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(f"{option}: {str(path)!r} is not a readable Lightning checkpoint ({err})") from None
+    weight, bias = state.get("head.weight"), state.get("head.bias")
+    if weight is None or bias is None:
+        raise ValueError(f"{option}: {str(path)!r} has no 'head.weight'/'head.bias'")
+    expected = (rows, head.weight.shape[1])
+    if tuple(weight.shape) != expected:
+        raise ValueError(
+            f"{option}: the head in {str(path)!r} is {tuple(weight.shape)} (classes x feature); with "
+            f"{OPTION}.label_offset {rows} it must be {expected}: the earlier tasks' head on the same backbone"
+        )
+    with torch.no_grad():
+        head.weight[:rows].copy_(weight)
+        head.bias[:rows].copy_(bias)
+    return str(path)

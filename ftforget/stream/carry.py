@@ -10,7 +10,9 @@ weights the next task's fit starts from (``--model.init_args.checkpoint``):
   task; the next task inserts its own identity copies into it).
 
 The task's head is kept (task-incremental): ``R[i][j]`` is task ``j``'s head on the backbone carried
-out of task ``i``, on task ``j``'s test split.
+out of task ``i``, on task ``j``'s test split. With one shared head (``heads: shared``, class-incremental)
+``R[i][j]`` is task ``i``'s head, over every class of tasks ``1..i``, on task ``j``'s test split with its
+labels offset by the classes of the tasks before ``j``.
 """
 
 from __future__ import annotations
@@ -101,14 +103,21 @@ def run_data_module(run_dir: Path) -> Any:
     return cls(**init_args)
 
 
+def label_offset(ckpt: Path) -> int:
+    """The earlier classes before a task's own in its head (``model.init_args.label_offset``; 0 without)."""
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    return int(hparams.get("label_offset", 0))
+
+
 @torch.no_grad()
-def test_hits(backbone: nn.Module, head: nn.Linear, data: Any) -> torch.Tensor:
+def test_hits(backbone: nn.Module, head: nn.Linear, data: Any, label_offset: int = 0) -> torch.Tensor:
     """The ``(N,)`` bool vector: whether ``head(backbone(x))`` names each test image's class, in the order of
-    the data module's test split, in eval mode."""
+    the data module's test split, in eval mode; the argmax over every output of ``head``, a label ``y`` being
+    output ``y + label_offset`` (a head shared with earlier tasks)."""
     data.setup("test")
     hits = []
     model = nn.Sequential(backbone, head)
     with eval_mode(model):
         for batch in data.test_dataloader():
-            hits.append(model(batch[0]).argmax(1) == batch[1])
+            hits.append(model(batch[0]).argmax(1) == batch[1] + label_offset)
     return torch.cat(hits)

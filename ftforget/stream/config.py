@@ -15,6 +15,8 @@ A stream file is YAML::
     hot_swap: true         # also fit every task alone from `start`, and route (ftforget.stream.hotswap)
     anchor: previous       # L2-SP / distillation pull toward each task's start (the previous task's end),
                            # or `start`: toward the stream's start weights (the pretrained model)
+    heads: task            # task: a new head per task, every head kept (task-incremental, the default);
+                           # shared: one head over the classes of every task so far (class-incremental)
 
 ``ftforget stream --method FILE ...`` replaces ``method`` (paths relative to the working directory), so
 one stream file serves every method.
@@ -41,9 +43,12 @@ KEYS = {
     "tasks",
     "hot_swap",
     "anchor",
+    "heads",
 }
 #: what a stream's L2-SP and distillation pull toward (``anchor``)
 ANCHORS = ("previous", "start")
+#: ``heads``: a new head per task (task-incremental), or one head over every class so far (class-incremental)
+HEADS = ("task", "shared")
 #: a task name becomes part of a directory name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -73,6 +78,9 @@ class StreamConfig:
         anchor: the anchor of the method's L2-SP (``l2sp_weight``) and distillation (``distill_weight``):
             ``previous``, each task's own start (the weights the previous task ended with: the methods'
             default); ``start``, the stream's start weights for every task (``anchor_weights``).
+        heads: ``task``: each task's fit has its own head over its own classes, every head kept
+            (task-incremental); ``shared``: task ``i``'s head covers the classes of tasks ``1..i`` (earlier
+            tasks' first), its first rows start from task ``i-1``'s trained head (class-incremental).
     """
 
     source: Path
@@ -86,6 +94,7 @@ class StreamConfig:
     common: dict[str, Any] = field(default_factory=dict)
     hot_swap: bool = False
     anchor: str = "previous"
+    heads: str = "task"
 
     @property
     def method_name(self) -> str:
@@ -173,6 +182,9 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
     hot_swap = raw.get("hot_swap", False)
     if not isinstance(hot_swap, bool):
         raise StreamConfigError(f"{where}: hot_swap must be true or false, got {hot_swap!r}")
+    heads = raw.get("heads", "task")
+    if heads not in HEADS:
+        raise StreamConfigError(f"{where}: heads must be one of {list(HEADS)}, got {heads!r}")
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise StreamConfigError(f"{where}: common must be a mapping of fit settings")
@@ -191,6 +203,7 @@ def load_stream(path: Path, method: list[Path] | None = None) -> StreamConfig:
         common=common,
         hot_swap=hot_swap,
         anchor=anchor,
+        heads=heads,
     )
     if anchor == "start":
         for task in config.tasks:

@@ -6,7 +6,8 @@
     configs/common.yaml       the stream's `common` fit settings; configs/<i>-<task>.yaml each task's
     <i>-<task>/               task i's sub-run: an ordinary run directory (ftforget fit, then test)
     carried/<i>-<task>.pth    the backbone task i hands on (ftforget.stream.carry), .yaml how to build it
-    accuracy_matrix.json      R[i][j] (with the correct/total counts behind it), row i after task i
+    accuracy_matrix.json      R[i][j] (with the correct/total counts behind it), row i after task i; `heads`
+                              (task or shared) and, shared, each task's `label_offsets`
     stream_forgetting.jsonl   the pretraining-domain probe over the cumulative step of the whole stream
     stream_metrics.json       average accuracy, forgetting, backward transfer (ftforget.stream.metrics),
                               their 95% bootstrap intervals over the test images (ftforget.stream.bootstrap)
@@ -18,6 +19,13 @@ Each task's fit goes through the ordinary fit path (``ftforget fit``, resumed wi
 --resume`` from its ``last.ckpt``: :class:`ftforget.sweep.SweepRun`); everything else is a deterministic
 function of the sub-runs' files, rewritten atomically, so a stream killed anywhere and started again with
 the same command ends with the files of an uninterrupted one.
+
+``heads: shared`` (class-incremental): task ``i >= 2``'s fit gets ``--model.init_args.label_offset`` (the
+classes of the tasks before it: the rows of task ``i-1``'s head) and ``--model.init_args.earlier_head_from``
+(task ``i-1``'s ``last.ckpt``, whose head becomes the first rows of task ``i``'s); ``R[i][j]`` is task
+``i``'s head on task ``j``'s test split, labels offset, the argmax over every class seen so far. The hot-swap
+references stay single-task fits with their own heads; their accuracies are within a task's classes, not
+comparable with a shared head's ``R[j][j]``, so the single-task transfer is not computed (null).
 """
 
 from __future__ import annotations
@@ -36,7 +44,14 @@ from ftforget.forgetting.config import eval_steps_until
 from ftforget.runs import CHECKPOINT_DIR, LAST
 from ftforget.stats import pack_hits, unpack_hits
 from ftforget.stream.bootstrap import stream_metrics_ci
-from ftforget.stream.carry import read_carried, run_data_module, task_head, test_hits, write_carried
+from ftforget.stream.carry import (
+    label_offset,
+    read_carried,
+    run_data_module,
+    task_head,
+    test_hits,
+    write_carried,
+)
 from ftforget.stream.config import StreamConfig, StreamConfigError
 from ftforget.stream.hotswap import hot_swap_results
 from ftforget.stream.metrics import stream_metrics
@@ -104,6 +119,7 @@ def prepare(config: StreamConfig, start: Path, root: Path) -> None:
         before = yaml.safe_load(copy.read_text())
         before.pop("hot_swap", None)
         before.setdefault("anchor", "previous")  # a stream started before the key existed
+        before.setdefault("heads", "task")  # a stream started before `heads` existed had a head per task
         if before != yaml.safe_load(yaml.safe_dump(record, sort_keys=False)):
             raise StreamConfigError(
                 f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
@@ -126,12 +142,14 @@ def task_run(
     threads: int = 1,
     prefix: str = "",
     start: Path | None = None,
+    head: tuple[int, Path] | None = None,
 ) -> TaskRun:
     """Task ``index``'s sub-run: the method's configs, ``common``, the task's settings; the backbone
     ``checkpoint`` (the stream's start, or the one carried out of the previous task, with the
     ``backbone_kwargs`` that build it); ``steps`` steps; the probe at log-spaced steps. ``prefix`` names
     another sub-run of the same task (``ref-``: a hot-swap reference). With ``anchor: start``, ``start``
-    (the stream's start weights) is every task's ``anchor_weights``."""
+    (the stream's start weights) is every task's ``anchor_weights``. ``head`` (a shared head): the earlier
+    classes and the checkpoint whose head their rows start from."""
     name = task_dir_name(index, config.tasks[index].name)
     configs = [*config.method, root / "configs" / "common.yaml", root / "configs" / f"{name}.yaml"]
     extra = [
@@ -147,6 +165,9 @@ def task_run(
         extra += ["--model.init_args.anchor_weights", str(start)]
     if backbone_kwargs is not None:  # Block Expansion's carried backbone is deeper than the method's
         extra += ["--model.init_args.backbone_kwargs", json.dumps(backbone_kwargs, sort_keys=True)]
+    if head is not None:
+        extra += ["--model.init_args.label_offset", str(head[0])]
+        extra += ["--model.init_args.earlier_head_from", str(head[1])]
     return TaskRun(prefix + name, config.seed, configs, root, extra, test_ckpt="last")
 
 
@@ -154,14 +175,17 @@ def carried_path(root: Path, index: int, name: str) -> Path:
     return root / "carried" / f"{task_dir_name(index, name)}.pth"
 
 
-def accuracy_row(runs: Sequence[TaskRun], index: int, carried: Path) -> dict[str, list]:
+def accuracy_row(runs: Sequence[TaskRun], index: int, carried: Path, shared: bool = False) -> dict[str, list]:
     """Row ``index`` of R: each earlier task's head (and this one's) on the backbone carried out of task
-    ``index``, on that task's test split."""
+    ``index``, on that task's test split; ``shared``: task ``index``'s head for every task, each task's labels
+    offset by its ``label_offset`` (the argmax over every class seen so far)."""
     backbone, _ = read_carried(carried)
     correct, total, packed = [], [], []
     for j in range(index + 1):
-        head = task_head(runs[j].run_dir / CHECKPOINT_DIR / LAST)
-        hits = test_hits(backbone, head, run_data_module(runs[j].run_dir))
+        ckpt = runs[j].run_dir / CHECKPOINT_DIR / LAST
+        head = task_head(runs[index].run_dir / CHECKPOINT_DIR / LAST if shared else ckpt)
+        offset = label_offset(ckpt) if shared else 0
+        hits = test_hits(backbone, head, run_data_module(runs[j].run_dir), offset)
         correct.append(int(hits.sum()))
         total.append(int(hits.numel()))
         packed.append(pack_hits(hits.numpy()))
@@ -249,11 +273,17 @@ def run_stream(
     prepare(config, start, root)
     matrix = read_matrix(root)
     matrix["tasks"] = [task_dir_name(i, t.name) for i, t in enumerate(config.tasks)]
+    matrix["heads"] = config.heads
+    shared = config.heads == "shared"
     runs: list[TaskRun] = []
     checkpoint, kwargs = start, None
     began = time.perf_counter()
     for index, task in enumerate(config.tasks):
-        run = task_run(config, root, index, checkpoint, kwargs, threads, start=start)
+        head = None
+        if shared and index > 0:  # the earlier classes: every row of the previous task's head
+            previous = runs[-1].run_dir / CHECKPOINT_DIR / LAST
+            head = (task_head(previous).out_features, previous)
+        run = task_run(config, root, index, checkpoint, kwargs, threads, head=head, start=start)
         runs.append(run)
         say(f"task {index + 1}/{len(config.tasks)} {run.name}")
         run_sweep([run], stage, say)
@@ -261,8 +291,10 @@ def run_stream(
         if not (checkpoint.is_file() and checkpoint.with_suffix(".yaml").is_file()):
             write_carried(run.run_dir / CHECKPOINT_DIR / LAST, checkpoint)
         kwargs = yaml.safe_load(checkpoint.with_suffix(".yaml").read_text())["backbone_kwargs"]
+        if shared:
+            matrix["label_offsets"] = [label_offset(r.run_dir / CHECKPOINT_DIR / LAST) for r in runs]
         if len(matrix["rows"]) <= index:
-            matrix["rows"] = matrix["rows"][:index] + [accuracy_row(runs, index, checkpoint)]
+            matrix["rows"] = matrix["rows"][:index] + [accuracy_row(runs, index, checkpoint, shared)]
             _write_json(root / MATRIX_FILE, matrix)
         write_curve(root, runs, config.steps)
     say(f"the stream's {len(runs)} tasks: {time.perf_counter() - began:.0f} s in this process")
@@ -270,13 +302,23 @@ def run_stream(
     if config.hot_swap:
         began = time.perf_counter()
         reference = hot_swap(config, start, root, runs, stage, say, threads)["oracle"]
+        if shared:  # within a task's classes: not comparable with a shared head's R[j][j] (see above)
+            reference = None
         say(f"hot-swap references and routing: {time.perf_counter() - began:.0f} s in this process")
     R = matrix_values(matrix)
     metrics = stream_metrics(R, reference=reference)
     hits = matrix_hits(matrix)
     ci = None if hits is None else stream_metrics_ci(hits, reference=reference)
     _write_json(
-        root / METRICS_FILE, {"tasks": matrix["tasks"], "R": R, "reference": reference, **metrics, "ci95": ci}
+        root / METRICS_FILE,
+        {
+            "tasks": matrix["tasks"],
+            "heads": config.heads,
+            "R": R,
+            "reference": reference,
+            **metrics,
+            "ci95": ci,
+        },
     )
     return root
 

@@ -33,8 +33,13 @@ _SOURCE_ARGS = ("checkpoint", "pretrained")
 #: training-only options (where the method has them), off in a rebuilt task: they change how a run trains,
 #: not the function it computes, and would otherwise build helpers (anchors, a teacher) or read files
 _TRAINING_ONLY = {
-    "l2sp_weight": 0.0, "distill_weight": 0.0, "anchor_weights": None, "lp_steps": 0, "head_from": None,
-}  # fmt: skip
+    "l2sp_weight": 0.0,
+    "distill_weight": 0.0,
+    "anchor_weights": None,
+    "lp_steps": 0,
+    "head_from": None,
+    "earlier_head_from": None,
+}
 
 
 class BaseMismatchError(ValueError):
