@@ -208,7 +208,9 @@ def run_sweep(
     """Brings every run to ``done``, one after another; returns the run directories.
 
     Args:
-        runs: the sweep.
+        runs: the sweep: :class:`SweepRun` s, or anything with their ``name``, ``seed``, ``run_dir``,
+            ``state()`` and ``steps()`` (a stream of ``ftforget sweep --stream``, whose state is never
+            ``new`` once its directory exists, so nothing of it is removed here).
         stage: runs one ``ftforget`` command (its arguments) and returns its exit status.
         say: progress lines.
 

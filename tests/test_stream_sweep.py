@@ -278,3 +278,64 @@ def test_a_stream_array_equals_the_local_sweep(
     proc = subprocess.run([sys.executable, "-m", "ftforget", *sweep, "--output", str(array), "--dry-run"],
                           env=cluster.env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.stdout == "nothing to run: every run is done\n", proc.stderr
+
+
+def test_the_readme_stream_sweep_commands_plan_and_write_what_it_says(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tests.test_readme import commands, in_tmp, section
+
+    monkeypatch.chdir(tmp_path)
+    sweeps = [c for c in commands(section("Continual streams")) if c[0] == "sweep"]
+    assert len(sweeps) == 3
+    for args in sweeps:
+        argv = in_tmp(args, tmp_path)
+        streams = 4 * 3 if "block_expansion" in argv else 2 * 2
+        if "--slurm" in argv:
+            assert main(argv) == 0, argv
+            text = (tmp_path / "streams.sbatch").read_text()
+            assert f"#SBATCH --array=0-{streams - 1}" in text and "#SBATCH --time=2:00:00" in text
+            assert "#   11: full_l2sp seed 2 -> " in text and "--trainer" not in text
+            assert subprocess.run(["bash", "-n", str(tmp_path / "streams.sbatch")]).returncode == 0
+            continue
+        if "--dry-run" not in argv:  # the shipped stream takes minutes per method: plan it
+            argv.append("--dry-run")
+        capsys.readouterr()
+        assert main(argv) == 0, argv
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("# first the demo's pretraining") and len(lines) == 1 + streams
+        assert all(line.startswith("ftforget stream --config ") for line in lines[1:])
+
+
+def test_a_stream_is_recognised_by_its_files_whatever_the_paths_spelling(
+    tmp_path: Path, backbone: Path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from ftforget.stream.config import load_stream
+    from ftforget.stream.run import finished, prepare, same_stream
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(demo_config_dir().parent)  # as the clone's configs/ -> ftforget/configs
+    path = stream_file(tmp_path, backbone)
+    relative = load_stream(
+        Path(path.name), [Path("configs/demo/lora.yaml"), Path("configs/demo/common.yaml")]
+    )
+    absolute = load_stream(path, [demo_config_dir() / "lora.yaml", demo_config_dir() / "common.yaml"])
+    root = tmp_path / "out" / "lora" / "seed0"
+    assert same_stream(relative, backbone, root) is None and not finished(relative, backbone, root)
+    prepare(relative, backbone, root)  # what `ftforget stream` writes first
+    assert same_stream(absolute, backbone, root) is True  # the same files, spelled otherwise
+    assert same_stream(replace(absolute, steps=7), backbone, root) is False
+    assert same_stream(replace(absolute, hot_swap=True), backbone, root) is True  # hot_swap only adds
+    assert not finished(absolute, backbone, root)  # started, not finished
+    metrics = root / "stream_metrics.json"
+    metrics.write_text(json.dumps({"reference": None}))
+    assert finished(absolute, backbone, root) and not finished(
+        replace(absolute, hot_swap=True), backbone, root
+    )
+    metrics.write_text(json.dumps({"reference": [0.5, 0.5, 0.5]}))
+    assert finished(replace(absolute, hot_swap=True), backbone, root) and not finished(
+        absolute, backbone, root
+    )
+    assert not finished(replace(absolute, seed=1), backbone, root)  # another stream's record

@@ -1,4 +1,5 @@
-"""``ftforget sweep``: configs times seeds, each fitted and tested, then the report (:mod:`ftforget.sweep`).
+"""``ftforget sweep``: configs times seeds, each fitted and tested, then the report (:mod:`ftforget.sweep`);
+or, with ``--stream FILE``, continual streams: methods times seeds, one ``ftforget stream`` each.
 
 ::
 
@@ -96,7 +97,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     slurm = parser.add_argument_group("SLURM job array (written, not submitted; see the README)")
     slurm.add_argument("--slurm", type=Path, help="write a job array script here, one task per run")
     slurm.add_argument(
-        "--gpus", type=int, default=1, help="GPUs (and processes) per task; 0: a CPU job (default: 1)"
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs (and processes) per task; 0: a CPU job (default: 1; --stream: 0 or 1, a stream is one process)",
     )
     slurm.add_argument(
         "--devices", type=int, help="with --gpus 0: processes per task, e.g. 2 for CPU DDP (default: 1)"
