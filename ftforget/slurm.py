@@ -137,6 +137,7 @@ def array_script(
     workdir: Path,
     log_dir: Path,
     options: SlurmOptions,
+    device_options: Sequence[str] | None = None,
 ) -> str:
     """A SLURM job array script: task ``i`` runs ``command --task i -- fit_options`` under ``srun``.
 
@@ -150,11 +151,15 @@ def array_script(
         log_dir: where SLURM writes the batch logs (``slurm-<job>_<task>.out``); each task's own log
             (everything the run prints, over all restarts) is its :attr:`ArrayTask.log`.
         options: the resources asked for.
+        device_options: what tells every fit its devices, after ``fit_options`` (default:
+            :meth:`SlurmOptions.trainer_args`); ``[]`` for a command whose fits take their devices from their
+            own configs (a stream sweep). Nothing after ``fit_options`` and ``device_options``: no ``--``.
 
     Raises:
         SlurmScriptError: an option or path that cannot be written into the script.
     """
     options.check()
+    tail = [*fit_options, *(options.trainer_args() if device_options is None else device_options)]
     if not tasks:
         raise SlurmScriptError("ftforget sweep --slurm: the sweep has no runs")
     workdir, log_dir = workdir.resolve(), log_dir.resolve()
@@ -193,8 +198,9 @@ def array_script(
         "trap requeue USR1",
         *([options.setup] if options.setup else []),
         # In the background, so that the trap runs at once (bash runs traps between commands).
-        f'srun --output="$log" --open-mode=append {shlex.join(command)} --task "$SLURM_ARRAY_TASK_ID" '
-        f"-- {shlex.join([*fit_options, *options.trainer_args()])} &",
+        f'srun --output="$log" --open-mode=append {shlex.join(command)} --task "$SLURM_ARRAY_TASK_ID"'
+        + (f" -- {shlex.join(tail)}" if tail else "")
+        + " &",
         "pid=$!",
         'status=0; wait "$pid" || status=$?',
         'while kill -0 "$pid" 2>/dev/null; do status=0; wait "$pid" || status=$?; done',

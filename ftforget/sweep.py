@@ -208,7 +208,9 @@ def run_sweep(
     """Brings every run to ``done``, one after another; returns the run directories.
 
     Args:
-        runs: the sweep.
+        runs: the sweep: :class:`SweepRun` s, or anything with their ``name``, ``seed``, ``run_dir``,
+            ``state()`` and ``steps()`` (a stream of ``ftforget sweep --stream``, whose state is never
+            ``new`` once its directory exists, so nothing of it is removed here).
         stage: runs one ``ftforget`` command (its arguments) and returns its exit status.
         say: progress lines.
 
@@ -230,7 +232,11 @@ def run_sweep(
 
 
 def slurm_script(
-    runs: Sequence[SweepRun], command: Sequence[str], fit_options: Sequence[str], options: SlurmOptions
+    runs: Sequence[SweepRun],
+    command: Sequence[str],
+    fit_options: Sequence[str],
+    options: SlurmOptions,
+    device_options: Sequence[str] | None = None,
 ) -> str:
     """A SLURM job array with one task per run; each task brings its run to ``done`` (:mod:`ftforget.slurm`).
 
@@ -240,10 +246,12 @@ def slurm_script(
             options after ``--``.
         fit_options: the options after ``--``, for every fit.
         options: the resources of each task; the fits get the matching ``trainer.devices``.
+        device_options: instead of those, what tells every fit its devices (``[]``: nothing, the fits'
+            own configs say; :func:`~ftforget.slurm.array_script`).
 
     Raises:
         SlurmScriptError: an option or path that cannot be written into the script.
     """
     output = runs[0].output if runs else Path("runs")
     tasks = [ArrayTask(run.name, run.seed, run.run_dir, run.log_file) for run in runs]
-    return array_script(tasks, command, fit_options, Path.cwd(), output / LOG_DIR, options)
+    return array_script(tasks, command, fit_options, Path.cwd(), output / LOG_DIR, options, device_options)

@@ -1,4 +1,5 @@
-"""``ftforget sweep``: configs times seeds, each fitted and tested, then the report (:mod:`ftforget.sweep`).
+"""``ftforget sweep``: configs times seeds, each fitted and tested, then the report (:mod:`ftforget.sweep`);
+or, with ``--stream FILE``, continual streams: methods times seeds, one ``ftforget stream`` each.
 
 ::
 
@@ -7,22 +8,26 @@
     ftforget sweep configs/lora.yaml configs/full.yaml --knob 0 0.25 0.5 0.75 1
     ftforget sweep --preset demo --seeds 0 1 --steps 100 --output runs/demo-sweep
     ftforget sweep --preset paper --seeds 0 1 2 --slurm sweep.sbatch --gpus 1 --setup 'source .venv/bin/activate'
+    ftforget sweep --stream configs/stream/digits.yaml --methods full lora block_expansion --seeds 0 1
 
 Options after ``--`` go to every fit (e.g. ``--trainer.max_steps 100``). Run it again after an
 interruption: finished runs are skipped, an interrupted one is resumed from its ``last.ckpt``.
 ``--preset demo`` is the experiment of ``ftforget demo``: one pretraining (cached, built once even when
-array tasks start together) and its fine-tuning runs, for every seed.
+array tasks start together) and its fine-tuning runs, for every seed. ``--stream FILE`` sweeps continual
+streams instead: one ``ftforget stream`` per method and seed (:class:`ftforget.commands.stream.StreamRun`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ftforget.commands.stream import StreamRun, stream_runs
 from ftforget.demo import (
     METHODS,
     PretrainSettings,
@@ -34,8 +39,10 @@ from ftforget.demo import (
 from ftforget.files import atomic_write
 from ftforget.report import write_report
 from ftforget.resources import demo_config_dir
-from ftforget.slurm import SlurmOptions, requeue_on_usr1
+from ftforget.slurm import SlurmOptions, SlurmScriptError, requeue_on_usr1
+from ftforget.stream.run import METRICS_FILE
 from ftforget.sweep import (
+    DEMO_METHODS,
     LOG_DIR,
     SweepError,
     SweepRun,
@@ -59,7 +66,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
                         help="the paper's ten rows, those and every PEFT method (configs/peft/), or the runs of "
                         "ftforget demo (pretraining included)")  # fmt: skip
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0], help="seed_everything values (default: 0)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seed_everything values (default: 0; --stream: the stream file's seed)",
     )
     parser.add_argument("--output", type=Path, default=Path("runs/sweep"), help="default: runs/sweep")
     parser.add_argument("--test_ckpt", choices=["best", "last"], default=None,
@@ -69,6 +80,16 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
                         help="after the test, measure each run's knob at these a (ftforget knob), e.g. 0 0.5 1")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     parser.add_argument("--task", type=int, help="run only run number TASK (a SLURM array task)")
+    stream = parser.add_argument_group(
+        "--stream (continual streams: one `ftforget stream` per method and seed, in OUTPUT/<method>/seed<seed>)"
+    )
+    stream.add_argument("--stream", type=Path, metavar="FILE",
+                        help="a stream file (e.g. configs/stream/digits.yaml): sweep its streams instead of fits")  # fmt: skip
+    stream.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="with --stream, one stream per method (default: the stream file's own): a demo method "
+                        f"({', '.join(DEMO_METHODS)}: configs/demo/<name>.yaml with configs/demo/common.yaml), or "
+                        "a method's fit config files joined by commas, applied in order (as `ftforget stream "
+                        "--method A --method B`), e.g. my_lora.yaml,configs/demo/common.yaml")  # fmt: skip
     demo = parser.add_argument_group("--preset demo (the experiment of ftforget demo)")
     demo.add_argument("--steps", type=int, help="fine-tuning steps per run (default: 500)")
     demo.add_argument("--pretrain-steps", type=int, help="steps of the shared pretraining (default: 1000)")
@@ -76,7 +97,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     slurm = parser.add_argument_group("SLURM job array (written, not submitted; see the README)")
     slurm.add_argument("--slurm", type=Path, help="write a job array script here, one task per run")
     slurm.add_argument(
-        "--gpus", type=int, default=1, help="GPUs (and processes) per task; 0: a CPU job (default: 1)"
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs (and processes) per task; 0: a CPU job (default: 1; --stream: 0 or 1, a stream is one process)",
     )
     slurm.add_argument(
         "--devices", type=int, help="with --gpus 0: processes per task, e.g. 2 for CPU DDP (default: 1)"
@@ -121,13 +145,87 @@ def _demo_options(args: argparse.Namespace) -> None:
 
 def sweep_runs(args: argparse.Namespace, extra: list[str]) -> list[SweepRun]:
     if bool(args.configs) == bool(args.preset):
-        raise ValueError("ftforget sweep: give config files or --preset paper|peft|demo (one of the two)")
+        raise ValueError(
+            "ftforget sweep: give config files or --preset paper|peft|demo (one of the two), or --stream FILE"
+        )
+    if args.methods is not None:
+        raise ValueError(
+            "ftforget sweep --methods: only with --stream FILE (config files are the runs otherwise)"
+        )
     _demo_options(args)
+    seeds = [0] if args.seeds is None else args.seeds
     if args.preset == "demo":
         return demo_sweep_runs(args.output, METHODS, demo_config_dir(), _pretrained(args), args.steps,
-                               args.seeds, test_ckpt=args.test_ckpt or "last", knob=args.knob, extra=extra)  # fmt: skip
+                               seeds, test_ckpt=args.test_ckpt or "last", knob=args.knob, extra=extra)  # fmt: skip
     config_sets = preset(args.preset) if args.preset else [[c] for c in args.configs]
-    return build_runs(config_sets, args.seeds, args.output, extra, args.test_ckpt or "best", args.knob)
+    return build_runs(config_sets, seeds, args.output, extra, args.test_ckpt or "best", args.knob)
+
+
+def stream_sweep_runs(args: argparse.Namespace, extra: list[str]) -> list[StreamRun]:
+    """``--stream FILE``: one stream per method (``--methods``) and seed (``--seeds``).
+
+    Raises:
+        ValueError: an option that makes no sense for a stream (all of them named), or a ``--methods``
+            entry that is neither a demo method nor existing fit config files.
+    """
+    given = {
+        "config files": bool(args.configs), "--preset": args.preset is not None,
+        "--knob": args.knob is not None, "--test_ckpt": args.test_ckpt is not None,
+        **{"--" + name.replace("_", "-"): getattr(args, name) is not None for name in DEMO_DEFAULTS},
+        "options after --": bool(extra),
+    }  # fmt: skip
+    refused = [name for name, yes in given.items() if yes]
+    if refused:
+        raise ValueError(
+            f"ftforget sweep --stream: {', '.join(refused)} cannot be used with a stream: its method, steps, "
+            "seed, pretraining and fit settings are in the stream file (--methods and --seeds choose the streams)"
+        )
+    return stream_runs(args.stream, _stream_methods(args.methods), args.seeds, args.output)
+
+
+def _stream_methods(items: list[str] | None) -> list[list[Path]] | None:
+    """``--methods``: each entry a demo method's name (its file with ``common.yaml``) or fit config files
+    joined by commas; None: the stream file's own method."""
+    if items is None:
+        return None
+    methods = []
+    for item in items:
+        if item in DEMO_METHODS:
+            methods.append([demo_config_dir() / f"{item}.yaml", demo_config_dir() / "common.yaml"])
+            continue
+        files = [Path(f) for f in item.split(",") if f]
+        missing = [str(f) for f in files if not f.is_file()]
+        if not files or missing:
+            raise ValueError(
+                f"sweep --methods {item!r}: neither a demo method ({', '.join(DEMO_METHODS)}) nor fit config "
+                f"files joined by commas (not found: {', '.join(missing) or item!r})"
+            )
+        methods.append(files)
+    return methods
+
+
+def _pretraining_notes(args: argparse.Namespace, runs: list) -> list[str]:
+    """``--dry-run``: the pretrainings the sweep would build first (none when they are cached)."""
+    if args.stream is not None:
+        starts = dict.fromkeys(r.start for r in runs if r.pretrains and r.state() != "done")
+        return [f"# first the demo's pretraining (in the first stream that needs it), into {s}"
+                for s in starts if not s.is_file()]  # fmt: skip
+    if args.preset == "demo" and plan_commands(runs) and not _pretrained(args).is_file():
+        return [f"# first the demo's pretraining, into {_pretrained(args)}"]
+    return []
+
+
+def stream_summary(runs: list[StreamRun]) -> str:
+    """Each stream's metrics (``stream_metrics.json``) as a Markdown table, in %."""
+    lines = ["| method | seed | ACC | forgetting | BWT | stream |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        metrics = json.loads((run.run_dir / METRICS_FILE).read_text())
+        cells = [
+            "n/a" if metrics[k] is None else f"{100 * metrics[k]:.1f}"
+            for k in ("average_accuracy", "average_forgetting", "backward_transfer")
+        ]
+        lines.append(f"| {run.name} | {run.seed} | {' | '.join(cells)} | {run.run_dir} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pretrain_settings(args: argparse.Namespace) -> PretrainSettings:
@@ -156,7 +254,7 @@ def main(argv: list[str], stage: Callable[[list[str]], int] | None = None) -> in
     own, extra = _split_extra(argv)
     parser, slurm_group = _parser()
     args = parser.parse_args(own)
-    runs = sweep_runs(args, extra)
+    runs = stream_sweep_runs(args, extra) if args.stream is not None else sweep_runs(args, extra)
     if args.task is not None:
         if not 0 <= args.task < len(runs):
             raise ValueError(f"--task {args.task}: this sweep has runs 0 to {len(runs) - 1}")
@@ -164,9 +262,7 @@ def main(argv: list[str], stage: Callable[[list[str]], int] | None = None) -> in
     if args.slurm is not None:
         return _write_slurm(args, own, extra, runs, slurm_group)
     if args.dry_run:
-        commands = plan_commands(runs)
-        if args.preset == "demo" and commands and not _pretrained(args).is_file():
-            commands.insert(0, f"# first the demo's pretraining, into {_pretrained(args)}")
+        commands = [*_pretraining_notes(args, runs), *plan_commands(runs)]
         sys.stdout.write("".join(f"{c}\n" for c in commands) or "nothing to run: every run is done\n")
         return 0
     if args.task is not None:
@@ -182,6 +278,9 @@ def main(argv: list[str], stage: Callable[[list[str]], int] | None = None) -> in
         sys.stderr.write(f"ftforget {err}; run the sweep again to go on from there\n")
         return err.status
     if args.task is not None:
+        return 0
+    if args.stream is not None:
+        sys.stdout.write("\n" + stream_summary(runs))
         return 0
     report = write_report(run_dirs, args.output / "report")
     sys.stdout.write("\n" + report.markdown + "\n")
@@ -201,9 +300,18 @@ def _write_slurm(
         gpus=args.gpus, devices=args.devices, time=args.time, partition=args.partition, account=args.account,
         mem=args.mem, cpus_per_task=args.cpus_per_task, sbatch=tuple(args.sbatch), setup=args.setup,
     )  # fmt: skip
+    device_options = None
+    if args.stream is not None:  # one process, whose fits run on the devices their configs name
+        if options.processes > 1:
+            raise SlurmScriptError(
+                f"ftforget sweep --stream --slurm with {options.processes} processes per task (--gpus/--devices): "
+                "a stream runs as one process, its fits one after another on the devices of its method's "
+                "configs; give --gpus 0 (a CPU job) or --gpus 1"
+            )
+        device_options = []
     script_only = {name for action in slurm_group._group_actions for name in action.option_strings}
     task_args = _strip_options(own, script_only | {"--task", "--dry-run"})
-    text = slurm_script(runs, ["ftforget", "sweep", *task_args], extra, options)
+    text = slurm_script(runs, ["ftforget", "sweep", *task_args], extra, options, device_options)
     (args.output / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM opens the batch logs there first
     atomic_write(args.slurm, lambda f: f.write(text.encode()))
     args.slurm.chmod(0o755)

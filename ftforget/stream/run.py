@@ -104,30 +104,63 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
+def _record(config: StreamConfig, start: Path) -> dict[str, Any]:
+    """What ``stream.yaml`` records of a stream."""
+    record = {**asdict(config), "source": str(config.source), "start": str(start)}
+    record["method"] = [str(m) for m in config.method]
+    record.pop("hot_swap")
+    return record
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``stream.yaml`` record as two of them are compared: without ``hot_swap`` (it only adds sub-runs
+    beside the stream's: switching it on later goes on with the same stream), ``anchor`` and ``heads``
+    filled in for a stream started before the keys existed, and the file paths resolved (``configs/x.yaml`` given relative or
+    absolute, or through a symlink, is one file: ``ftforget stream`` and ``ftforget sweep --stream`` go on
+    with each other's streams)."""
+    out = yaml.safe_load(yaml.safe_dump(record, sort_keys=False))
+    out.pop("hot_swap", None)
+    out.setdefault("anchor", "previous")
+    out.setdefault("heads", "task")  # a stream started before `heads` existed had a head per task
+    for key in ("source", "start"):
+        out[key] = str(Path(out[key]).resolve())
+    out["method"] = [str(Path(m).resolve()) for m in out["method"]]
+    return out
+
+
+def same_stream(config: StreamConfig, start: Path, root: Path) -> bool | None:
+    """Whether ``root/stream.yaml`` records this stream (None: ``root`` holds no stream yet)."""
+    copy = root / STREAM_FILE
+    if not copy.is_file():
+        return None
+    return _comparable(yaml.safe_load(copy.read_text())) == _comparable(_record(config, start))
+
+
+def finished(config: StreamConfig, start: Path, root: Path) -> bool:
+    """Whether the stream in ``root`` is complete, cheaply (two small files read, nothing written): its
+    ``stream.yaml`` records this stream and ``stream_metrics.json``, written last, is there, with the
+    hot-swap references exactly when ``hot_swap`` is on."""
+    path = root / METRICS_FILE
+    if not path.is_file() or not same_stream(config, start, root):
+        return False
+    return (json.loads(path.read_text()).get("reference") is not None) == config.hot_swap
+
+
 def prepare(config: StreamConfig, start: Path, root: Path) -> None:
     """Writes ``stream.yaml`` and the fit settings files, or checks that a started stream is this one.
 
     Raises:
         StreamConfigError: ``root`` holds a stream started with other settings.
     """
-    # hot_swap only adds sub-runs beside the stream's: switching it on later goes on with the same stream
-    record = {**asdict(config), "source": str(config.source), "start": str(start)}
-    record["method"] = [str(m) for m in config.method]
-    record.pop("hot_swap")
-    copy = root / STREAM_FILE
-    if copy.is_file():
-        before = yaml.safe_load(copy.read_text())
-        before.pop("hot_swap", None)
-        before.setdefault("anchor", "previous")  # a stream started before the key existed
-        before.setdefault("heads", "task")  # a stream started before `heads` existed had a head per task
-        if before != yaml.safe_load(yaml.safe_dump(record, sort_keys=False)):
-            raise StreamConfigError(
-                f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
-                "give another --output, or remove that directory"
-            )
-    else:
+    same = same_stream(config, start, root)
+    if same is False:
+        raise StreamConfigError(
+            f"stream directory {str(root)!r} was started with other settings (its {STREAM_FILE}); "
+            "give another --output, or remove that directory"
+        )
+    if same is None:
         root.mkdir(parents=True, exist_ok=True)
-        _write_yaml(copy, record)
+        _write_yaml(root / STREAM_FILE, _record(config, start))
     _write_yaml(root / "configs" / "common.yaml", config.common)
     for index, task in enumerate(config.tasks):
         _write_yaml(root / "configs" / f"{task_dir_name(index, task.name)}.yaml", task.config)
