@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Paper-style table (Markdown, CSV) and figures from run directories: Lightning version "
             "directories with TensorBoard event files and the forgetting callback's forgetting.jsonl, "
-            "found recursively."
+            "found recursively; stream directories (ftforget stream) found there get a section of their "
+            "own: the stream metrics table, a heat map of the accuracy matrix per stream and the "
+            "pretraining-domain probe over the stream."
         ),
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory or a parent of many")
@@ -48,11 +50,14 @@ def main(argv: list[str]) -> int:
     except ReportError as err:
         sys.stderr.write(f"ftforget report: {err}\n")
         return 1
-    sys.stdout.write(report.markdown + "\n")
+    if report.markdown:
+        sys.stdout.write(report.markdown + "\n")
     if report.statistics:
         sys.stdout.write("\n" + report.statistics.strip() + "\n\n")
     if report.knob_table:
         sys.stdout.write("Stability-plasticity knob (ftforget knob):\n\n" + report.knob_table + "\n")
+    if report.streams:
+        sys.stdout.write(report.streams + "\n")
     files = list(report.files)
     if args.html:
         files.append(write_html(report.document, report.rows, report.files, out))

@@ -8,6 +8,8 @@
 - :mod:`~ftforget.report.tensorboard`: each run's HParams, custom-scalars layout and card, and the
   report's figures, as TensorBoard event files;
 - :mod:`~ftforget.report.html`: the report as one self-contained HTML page (``ftforget report --html``).
+- :mod:`~ftforget.report.streams`: stream directories (``ftforget stream``): the stream metrics table, a
+  heat map of the accuracy matrix per stream, the pretraining-domain probe over the stream.
 """
 
 from ftforget.report.figures import plot_forgetting_curves, plot_stability_plasticity, save_figures

@@ -137,7 +137,8 @@ def _runs(rows: list[Row], page_dir: Path) -> str:
 def render_html(document: str, rows: list[Row], figures: list[Path], page_dir: Path) -> str:
     """The page: the report's Markdown ``document`` as HTML, then the figures (PNG, embedded) and the
     run directories of each row (links relative to ``page_dir``, where the page is written)."""
-    body = markdown_to_html("## Forgetting table\n\n" + document)
+    # a report of streams only (ftforget stream) has no forgetting table: its document is the stream section
+    body = markdown_to_html(("## Forgetting table\n\n" if rows else "") + document)
     pictures = "\n".join(_figure(p) for p in figures if p.suffix == ".png")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -147,8 +148,8 @@ def render_html(document: str, rows: list[Row], figures: list[Path], page_dir: P
         '<p class="hint">Click a column header to sort by it; click again to reverse.</p>\n'
         f"{body}"
         + (f"<h2>Figures</h2>\n{pictures}\n" if pictures else "")
-        + f"<h2>Runs</h2>\n{_runs(rows, page_dir)}"
-        f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+        + (f"<h2>Runs</h2>\n{_runs(rows, page_dir)}" if rows else "")
+        + f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )
 
 
