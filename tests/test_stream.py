@@ -200,31 +200,30 @@ def test_lora_merges_and_block_expansion_grows_across_tasks(tmp_path, backbone, 
         )
 
 
+def kill_during_task_2(path: Path, output: Path, root: Path) -> Path:
+    """Starts ``ftforget stream --config path --output output`` in a child process and SIGKILLs it (its
+    whole process group) as soon as task 2's ``last.ckpt`` exists under the stream directory ``root``;
+    returns that checkpoint's path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FTFORGET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ftforget", "stream", "--config", str(path), "--output", str(output)]
+    proc = subprocess.Popen(command, env=env, cwd=path.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    task2 = root / "2-d67" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not task2.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return task2
+
+
 @pytest.mark.slow
 def test_a_stream_killed_during_task_2_resumes_bit_identical(tmp_path, backbone) -> None:
     steps = 12
     path = stream_file(tmp_path, backbone, steps=steps)
     assert _run(path, tmp_path / "whole") == 0
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FTFORGET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "ftforget",
-        "stream",
-        "--config",
-        str(path),
-        "--output",
-        str(tmp_path / "cut"),
-    ]
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    task2 = tmp_path / "cut" / "full" / "seed0" / "2-d67" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not task2.is_file() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    task2 = kill_during_task_2(path, tmp_path / "cut", tmp_path / "cut" / "full" / "seed0")
     cut_step = torch.load(task2, weights_only=True)["global_step"]
     assert 0 < cut_step < steps  # killed during task 2, between its checkpoints
     assert not (tmp_path / "cut" / "full" / "seed0" / "carried" / "2-d67.pth").exists()

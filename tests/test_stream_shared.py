@@ -10,11 +10,6 @@ the key.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +25,7 @@ from ftforget.stream import carry
 from ftforget.stream.metrics import stream_metrics
 from tests.helpers import RandomImages, quiet_trainer
 from tests.test_regularizers import Snapshots
-from tests.test_stream import ROOT, stream_file
+from tests.test_stream import kill_during_task_2, stream_file
 from tests.tiny import TINY_ARGS
 
 
@@ -203,26 +198,8 @@ def test_a_shared_head_stream_end_to_end_and_after_a_kill(tmp_path, backbone, ca
     assert {k: metrics[k] for k in stream_metrics(R)} == stream_metrics(R)
 
     # killed during task 2, started again: the same weights and files as the uninterrupted stream
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FTFORGET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "ftforget",
-        "stream",
-        "--config",
-        str(path),
-        "--output",
-        str(tmp_path / "cut"),
-    ]
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
     cut = tmp_path / "cut" / "full" / "seed0"
-    task2 = cut / "2-d67" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not task2.is_file() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    task2 = kill_during_task_2(path, tmp_path / "cut", cut)
     assert 0 < torch.load(task2, weights_only=True)["global_step"] < 6  # between its checkpoints
     assert _run(path, tmp_path / "cut") == 0
     for name in NAMES:
